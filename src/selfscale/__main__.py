@@ -1,0 +1,5 @@
+"""``python -m selfscale`` runs the command-line interface."""
+
+from selfscale.cli import main
+
+raise SystemExit(main())
