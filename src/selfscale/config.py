@@ -1,0 +1,278 @@
+"""Typed configs, one per concern (data, task, model, training), validated at construction.
+
+Every field maps to one CLI flag; a bad value raises :class:`ConfigError` whose message names the
+flag and the value received. Configs round-trip through plain dicts (``to_dict``/``from_dict``)
+so a run directory can store the effective config as TOML and JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfscale.errors import ConfigError
+
+LOSSES = ("mae", "mse", "f1")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check(ok: bool, flag: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag}: {rule}, got {value!r}")
+
+
+def _path_or_none(value: Any) -> Path | None:
+    return None if value in (None, "") else Path(value)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are cut into network inputs."""
+
+    data: Path | None = None
+    """--data: folder of images searched recursively; None means the bundled scikit-image samples."""
+    eval_data: Path | None = None
+    """--eval-data: folder of evaluation images; None means a seeded split of --data by file."""
+    targets: Path | None = None
+    """--targets: for task 'pairs', folder of target images whose names match --data's."""
+    eval_targets: Path | None = None
+    """--eval-targets: for task 'pairs' with --eval-data, the evaluation targets."""
+    crop: int = 256
+    """--crop: side of the centre crop used for evaluation (thesis: 256)."""
+    train_crop: int | None = None
+    """--train-crop: side of the random training crops; None means the same as --crop."""
+    batch: int = 3
+    """--batch: training crops per step (thesis: 3)."""
+    flips: bool = False
+    """--flips: random horizontal and vertical flips of training crops."""
+    eval_fraction: float = 0.2
+    """--eval-fraction: share of --data files held out for evaluation when --eval-data is absent."""
+    split_seed: int = 0
+    """--split-seed: seed of the train/eval split by file (independent of the training seed)."""
+    max_images: int | None = None
+    """--max-images: use at most this many files of each split (the first ones in sorted order)."""
+    cache_dir: Path | None = None
+    """--cache-dir: where decoded inputs and targets are cached; None means $SELFSCALE_CACHE or
+    ~/.cache/selfscale."""
+
+    def __post_init__(self) -> None:
+        for name in ("data", "eval_data", "targets", "eval_targets", "cache_dir"):
+            setattr(self, name, _path_or_none(getattr(self, name)))
+        _check(isinstance(self.crop, int) and 8 <= self.crop <= 8192, "--crop", self.crop,
+               "must be an integer between 8 and 8192")
+        if self.train_crop is not None:
+            _check(isinstance(self.train_crop, int) and 8 <= self.train_crop <= 8192, "--train-crop",
+                   self.train_crop, "must be an integer between 8 and 8192")
+        _check(isinstance(self.batch, int) and 1 <= self.batch <= 4096, "--batch", self.batch,
+               "must be an integer between 1 and 4096")
+        _check(isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1,
+               "--eval-fraction", self.eval_fraction, "must be between 0 and 1 (exclusive)")
+        _check(isinstance(self.split_seed, int) and self.split_seed >= 0, "--split-seed",
+               self.split_seed, "must be a non-negative integer")
+        if self.max_images is not None:
+            _check(isinstance(self.max_images, int) and self.max_images >= 1, "--max-images",
+                   self.max_images, "must be a positive integer")
+        _check(self.eval_targets is None or self.eval_data is not None, "--eval-targets",
+               str(self.eval_targets), "needs --eval-data")
+
+    @property
+    def effective_train_crop(self) -> int:
+        return self.crop if self.train_crop is None else self.train_crop
+
+
+@dataclass
+class TaskConfig:
+    """Which operator the network learns, with every parameter of that operator."""
+
+    name: str = "sobel"
+    """--task: sobel, canny, otsu or pairs."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """--task-param KEY=VALUE: overrides of the operator's parameters (all stored with the run)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name), "--task", self.name,
+               "must be a task name")
+        _check(isinstance(self.params, dict), "--task-param", self.params, "must be KEY=VALUE pairs")
+
+
+@dataclass
+class ModelConfig:
+    """The fully convolutional network: widths per layer, kernel size, initialization."""
+
+    widths: tuple[int, ...] = (5, 5, 1)
+    """--widths: masks (output channels) per layer; the last is the output layer (thesis: 5,5,1)."""
+    kernel: int = 5
+    """--kernel: odd side of every square mask (thesis: 5)."""
+    in_channels: int = 1
+    """Input channels (grayscale: 1)."""
+    init_std: float = 0.05
+    """--init-std: standard deviation of the truncated normal initialization (thesis: 0.05)."""
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(self.widths)
+        _check(len(self.widths) >= 1 and all(isinstance(w, int) and 1 <= w <= 4096
+                                             for w in self.widths),
+               "--widths", ",".join(map(str, self.widths)),
+               "must be comma-separated positive integers, e.g. 5,5,1")
+        _check(self.widths[-1] == 1, "--widths", ",".join(map(str, self.widths)),
+               "the last layer produces the output image and must have width 1")
+        _check(isinstance(self.kernel, int) and self.kernel >= 1 and self.kernel % 2 == 1
+               and self.kernel <= 63, "--kernel", self.kernel, "must be an odd integer from 1 to 63")
+        _check(isinstance(self.in_channels, int) and self.in_channels >= 1, "in_channels",
+               self.in_channels, "must be a positive integer")
+        _check(isinstance(self.init_std, (int, float)) and 0 < self.init_std < 10, "--init-std",
+               self.init_std, "must be a positive number below 10")
+
+
+@dataclass
+class TrainConfig:
+    """The optimizer, the length of training and how often it is evaluated."""
+
+    steps: int = 10_000
+    """--steps: training steps (one batch each) in total (thesis: 10 000)."""
+    eval_every: int = 500
+    """--eval-every: evaluate on the whole eval set every N steps (and at the end)."""
+    loss: str = "mae"
+    """--loss: mae, mse or f1 (soft F1 loss E/(2TP+E), thesis 2.3.1)."""
+    lr: float = 1e-3
+    """--lr: Adam learning rate."""
+    seed: int = 0
+    """--seed: seeds initialization and batch sampling; same seed, machine and threads give the
+    same weights."""
+    device: str = "auto"
+    """--device: auto (CUDA when present), cpu or cuda."""
+    threads: int = 0
+    """--threads: CPU threads for torch; 0 means torch's default. Results are only bit-identical
+    at the same thread count."""
+    checkpoint_every: int = 0
+    """--checkpoint-every: also save the run state every N steps; 0 means at every evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.steps, int) and self.steps >= 0, "--steps", self.steps,
+               "must be a non-negative integer")
+        _check(isinstance(self.eval_every, int) and self.eval_every >= 1, "--eval-every",
+               self.eval_every, "must be a positive integer")
+        _check(self.loss in LOSSES, "--loss", self.loss, f"must be one of {', '.join(LOSSES)}")
+        _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 10,
+               "--lr", self.lr, "must be a positive number up to 10")
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "--seed", self.seed,
+               "must be a non-negative integer")
+        _check(self.device in DEVICES, "--device", self.device,
+               f"must be one of {', '.join(DEVICES)}")
+        _check(isinstance(self.threads, int) and 0 <= self.threads <= 1024, "--threads",
+               self.threads, "must be a non-negative integer")
+        _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+               "--checkpoint-every", self.checkpoint_every, "must be a non-negative integer")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; stored in the run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-friendly dict (paths as strings, None values left out)."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            out[section.name] = {
+                f.name: _plain(getattr(sub, f.name))
+                for f in dataclasses.fields(sub)
+                if getattr(sub, f.name) is not None
+            }
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build and validate from a dict such as a parsed config.toml; unknown keys are errors."""
+        sections = {"data": DataConfig, "task": TaskConfig, "model": ModelConfig,
+                    "train": TrainConfig}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ConfigError(f"config: unknown section(s) {sorted(unknown)}; "
+                              f"expected {sorted(sections)}")
+        built = {}
+        for name, klass in sections.items():
+            values = dict(raw.get(name, {}))
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - known
+            if bad:
+                raise ConfigError(f"config: unknown key(s) {sorted(bad)} in [{name}]; "
+                                  f"expected some of {sorted(known)}")
+            if name == "model" and "widths" in values:
+                values["widths"] = tuple(values["widths"])
+            try:
+                built[name] = klass(**values)
+            except TypeError as exc:  # pragma: no cover - defensive, dataclass signature errors
+                raise ConfigError(f"config: [{name}]: {exc}") from None
+        return cls(**built)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Write a two-level dict of scalars, lists and small tables as TOML (no extra dependency)."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for key, value in values.items():
+            if not isinstance(value, dict):
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, value in nested.items():
+            lines.append("")
+            lines.append(f"[{section}.{key}]")
+            for k2, v2 in value.items():
+                lines.append(f"{_toml_key(k2)} = {_toml_value(v2)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file; a missing file or bad syntax is a ConfigError naming the file."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: is a directory, expected a TOML file: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None

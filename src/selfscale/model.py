@@ -1,0 +1,159 @@
+"""The fully convolutional network of thesis 2.3, with an *enabled* and a *frozen* switch per mask.
+
+A *mask* is one output channel of a convolution layer together with its bias (thesis 2.3). Every
+mask has two switches, stored as boolean buffers so they travel with ``state_dict``:
+
+* ``enabled``: a disabled mask outputs exactly zero whatever its input (its weights and bias are
+  multiplied by 0 in the forward pass, so it also receives zero gradient). The stored values are
+  kept, so enabling the mask again restores it.
+* ``frozen``: a frozen mask still produces output but receives no update from back-propagation
+  (its gradients are zeroed by a hook). With Adam, reset the optimizer after freezing so that old
+  moments cannot move the mask (the minimization loop does this after every alteration, thesis 2.4).
+
+Layers: ``Conv2d(k×k, stride 1, dilation 1, 'same' zero padding, bias)`` each followed by ReLU,
+including the output layer, whose width is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TRUNC_STDS = 2.0  # values beyond 2 standard deviations are redrawn (thesis 2.3)
+
+
+def trunc_normal_(tensor: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
+    """Fill ``tensor`` in place from N(0, std²) truncated to [−2·std, 2·std] (thesis 2.3).
+
+    Sampling by inverse CDF gives the same distribution as redrawing values outside the bounds.
+    """
+    with torch.no_grad():
+        return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-TRUNC_STDS * std,
+                                     b=TRUNC_STDS * std, generator=generator)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A 'same'-padded convolution whose output channels (masks) can be disabled or frozen."""
+
+    enabled: Tensor
+    frozen: Tensor
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int) -> None:
+        super().__init__(in_channels, out_channels, kernel, stride=1, padding=kernel // 2,
+                         dilation=1, bias=True)
+        self.register_buffer("enabled", torch.ones(out_channels, dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros(out_channels, dtype=torch.bool))
+        self.weight.register_hook(self._mask_weight_grad)
+        self.bias.register_hook(self._mask_bias_grad)
+
+    def _mask_weight_grad(self, grad: Tensor) -> Tensor:
+        return grad * (~self.frozen).to(grad.dtype).view(-1, 1, 1, 1)
+
+    def _mask_bias_grad(self, grad: Tensor) -> Tensor:
+        return grad * (~self.frozen).to(grad.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.enabled.to(self.weight.dtype)
+        return F.conv2d(x, self.weight * gate.view(-1, 1, 1, 1), self.bias * gate,
+                        padding=self.padding)
+
+
+class FCN(nn.Module):
+    """``len(widths)`` masked convolution layers with ReLU after each; ``widths[-1]`` must be 1."""
+
+    def __init__(self, widths: Sequence[int], kernel: int = 5, in_channels: int = 1) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if not widths or widths[-1] != 1 or min(widths) < 1:
+            raise ValueError(f"widths must be positive and end with 1, got {widths}")
+        self.widths = widths
+        self.kernel = int(kernel)
+        self.in_channels = int(in_channels)
+        ins = (self.in_channels, *widths[:-1])
+        self.layers = nn.ModuleList(MaskedConv2d(i, o, self.kernel) for i, o in zip(ins, widths))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return x
+
+    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Truncated-normal weights and biases for every layer (thesis 2.3), in layer order."""
+        for layer in self.layers:
+            trunc_normal_(layer.weight, std, generator)
+            trunc_normal_(layer.bias, std, generator)
+
+    # --- switches -----------------------------------------------------------------------------
+    def set_enabled(self, layer: int, mask: int, value: bool) -> None:
+        self.layers[layer].enabled[mask] = bool(value)
+
+    def set_frozen(self, layer: int, mask: int, value: bool) -> None:
+        self.layers[layer].frozen[mask] = bool(value)
+
+    def reinit_mask(self, layer: int, mask: int, std: float,
+                    generator: torch.Generator | None = None) -> None:
+        """Redraw one mask's weights and bias from the initial distribution (thesis 2.4)."""
+        conv = self.layers[layer]
+        with torch.no_grad():
+            trunc_normal_(conv.weight[mask], std, generator)
+            trunc_normal_(conv.bias[mask : mask + 1], std, generator)
+
+    def enabled_masks(self) -> list[list[bool]]:
+        """Per layer, which masks are enabled (the thesis's one-hot mask matrix)."""
+        return [layer.enabled.tolist() for layer in self.layers]
+
+    def frozen_masks(self) -> list[list[bool]]:
+        return [layer.frozen.tolist() for layer in self.layers]
+
+    def active_widths(self) -> tuple[int, ...]:
+        """Number of enabled masks per layer."""
+        return tuple(int(layer.enabled.sum()) for layer in self.layers)
+
+
+def parameter_count(widths: Sequence[int], kernel: int, in_channels: int = 1) -> int:
+    """Weights plus biases of an FCN with these widths, e.g. (5, 5, 1), k=5 → 886 (thesis net)."""
+    total, prev = 0, in_channels
+    for w in widths:
+        total += prev * w * kernel * kernel + w
+        prev = w
+    return total
+
+
+def macs_per_pixel(widths: Sequence[int], kernel: int, in_channels: int = 1) -> int:
+    """Multiply-accumulates per output pixel (bias additions not counted)."""
+    total, prev = 0, in_channels
+    for w in widths:
+        total += prev * w * kernel * kernel
+        prev = w
+    return total
+
+
+def active_parameter_count(model: FCN) -> int:
+    """Parameters that remain when disabled masks (and the input channels they feed) are removed."""
+    total, prev = 0, model.in_channels
+    for layer in model.layers:
+        w = int(layer.enabled.sum())
+        total += prev * w * model.kernel**2 + w
+        prev = w
+    return total
+
+
+def active_macs_per_pixel(model: FCN) -> int:
+    return macs_per_pixel(model.active_widths(), model.kernel, model.in_channels)
+
+
+def receptive_field(n_layers: int, kernel: int) -> int:
+    """Side of the receptive field of ``n_layers`` stride-1 k×k layers: 3 layers of 5×5 → 13."""
+    return n_layers * (kernel - 1) + 1
+
+
+def build_model(widths: Sequence[int], kernel: int, in_channels: int, init_std: float,
+                seed: int) -> FCN:
+    """A freshly initialized FCN; the same seed always gives the same weights."""
+    model = FCN(widths, kernel, in_channels)
+    gen = torch.Generator().manual_seed(seed)
+    model.reset_parameters(init_std, gen)
+    return model
