@@ -1,0 +1,220 @@
+"""Training and evaluation: one flat loop of Adam steps on random crops, evaluated every N steps.
+
+The whole resumable state is one :class:`TrainState` (model with its mask switches, optimizer,
+step, random generators, score history); :func:`TrainState.to_dict` is what a checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfscale.data import ImageSet, center_crops, sample_batch
+from selfscale.metrics import LOSSES, METRICS
+from selfscale.model import FCN
+
+EVAL_BATCH = 8  # eval crops per forward pass
+EVAL_METRICS = ("f1", "mae", "mse", "uiqi")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    from selfscale.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def to_device(model: FCN, device: torch.device) -> FCN:
+    """Move the model; channels_last is ~3× faster for these small convolutions on CPU."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def as_input(array: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(array).to(device).contiguous(memory_format=torch.channels_last)
+
+
+def make_optimizer(model: FCN, lr: float) -> torch.optim.Adam:
+    """A fresh Adam: zero moments and step count (thesis 2.4: reset after every alteration)."""
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+@dataclass
+class TrainState:
+    """Everything a training run needs to continue exactly where it stopped."""
+
+    model: FCN
+    optimizer: torch.optim.Adam
+    rng: np.random.Generator  # batch sampling
+    torch_gen: torch.Generator  # re-initialization draws (minimization)
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    lr: float = 1e-3
+
+    def reset_optimizer(self) -> None:
+        self.optimizer = make_optimizer(self.model, self.lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "widths": list(self.model.widths),
+            "kernel": self.model.kernel,
+            "in_channels": self.model.in_channels,
+            "model": {k: v.detach().cpu().contiguous() for k, v in
+                      self.model.state_dict().items()},
+            "optimizer": _optimizer_cpu(self.optimizer.state_dict()),
+            "rng": self.rng.bit_generator.state,
+            "torch_gen": self.torch_gen.get_state(),
+            "step": self.step,
+            "history": list(self.history),
+            "lr": self.lr,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], device: torch.device) -> TrainState:
+        model = FCN(raw["widths"], raw["kernel"], raw["in_channels"])
+        model.load_state_dict(raw["model"])
+        model = to_device(model, device)
+        optimizer = make_optimizer(model, raw["lr"])
+        optimizer.load_state_dict(raw["optimizer"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = raw["rng"]
+        gen = torch.Generator()
+        gen.set_state(raw["torch_gen"])
+        return cls(model, optimizer, rng, gen, int(raw["step"]), list(raw["history"]),
+                   float(raw["lr"]))
+
+
+def _optimizer_cpu(sd: dict[str, Any]) -> dict[str, Any]:
+    state = {k: {n: (t.detach().cpu() if isinstance(t, Tensor) else t) for n, t in v.items()}
+             for k, v in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def new_state(model: FCN, lr: float, seed: int, device: torch.device) -> TrainState:
+    """Initial state: generators derived from ``seed`` (init uses its own generator in model.py)."""
+    model = to_device(model, device)
+    rng = np.random.default_rng([seed, 1])
+    gen = torch.Generator().manual_seed(seed + 7919)
+    return TrainState(model, make_optimizer(model, lr), rng, gen, 0, [], lr)
+
+
+def revive_dead_init(state: TrainState, probe: Tensor, std: float, max_redraws: int = 100) -> int:
+    """Redraw the initialization while the network's output is exactly zero on ``probe``.
+
+    The thesis's initialization (truncated normal, std 0.05) with ReLU after the output layer can
+    start *dead*: every output pixel is 0, every gradient is 0, and training never moves. Such a
+    draw is replaced by the next one from ``state.torch_gen`` (deterministic for a seed).
+    Returns the number of redraws (stored in the run metadata).
+    """
+    for redraws in range(max_redraws + 1):
+        with torch.no_grad():
+            alive = bool((state.model(probe) > 0).any())
+        if alive:
+            if redraws:
+                state.reset_optimizer()
+            return redraws
+        state.model.reset_parameters(std, state.torch_gen)
+    raise RuntimeError(f"the network output stayed zero after {max_redraws} initializations")
+
+
+def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float:
+    """One Adam step on one batch; returns the loss before the update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict_batches(model: FCN, images: ImageSet, crop: int | None,
+                    device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """Network output and target per chunk of eval images (centre crops, or whole images)."""
+    model.eval()
+    for start in range(0, len(images), EVAL_BATCH):
+        chunk = ImageSet(images.names[start:start + EVAL_BATCH],
+                         images.inputs[start:start + EVAL_BATCH],
+                         images.targets[start:start + EVAL_BATCH])
+        if crop is None:  # whole images, one at a time (sizes differ)
+            for x_np, y_np in zip(chunk.inputs, chunk.targets):
+                x = as_input(np.ascontiguousarray(x_np)[None, None], device)
+                yield model(x).float().cpu(), torch.from_numpy(np.array(y_np)[None, None])
+        else:
+            x_np, y_np = center_crops(chunk, crop)
+            yield model(as_input(x_np, device)).float().cpu(), torch.from_numpy(y_np)
+    model.train()
+
+
+def evaluate(model: FCN, images: ImageSet, crop: int | None, device: torch.device,
+             metrics: tuple[str, ...] = EVAL_METRICS) -> dict[str, float]:
+    """Mean of each metric over all eval images (per-image scores averaged, thesis 2.4.2)."""
+    sums = dict.fromkeys(metrics, 0.0)
+    n = 0
+    for out, target in predict_batches(model, images, crop, device):
+        for name in metrics:
+            sums[name] += float(METRICS[name].fn(out, target).double().sum())
+        n += out.shape[0]
+    return {name: total / max(n, 1) for name, total in sums.items()} | {"n_images": n}
+
+
+@dataclass
+class TrainHooks:
+    """What the loop reports to its caller; all optional."""
+
+    on_step: Callable[[int, float], None] | None = None  # (step, loss)
+    on_eval: Callable[[TrainState, dict[str, Any]], None] | None = None  # after each evaluation
+    on_checkpoint: Callable[[TrainState], None] | None = None
+
+
+def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, *, until_step: int,
+          loss: str, batch: int, train_crop: int, eval_crop: int, flips: bool, eval_every: int,
+          device: torch.device, checkpoint_every: int = 0,
+          hooks: TrainHooks | None = None) -> TrainState:
+    """Train from ``state.step`` to ``until_step``, evaluating every ``eval_every`` steps and at
+    the end; checkpoint (through ``hooks.on_checkpoint``) at every evaluation or every
+    ``checkpoint_every`` steps. Evaluation and checkpoint steps are absolute step numbers, so a
+    resumed run evaluates at the same steps as an uninterrupted one."""
+    hooks = hooks or TrainHooks()
+    loss_fn = LOSSES[loss]
+    save_every = checkpoint_every or eval_every
+    t0 = time.perf_counter()
+    while state.step < until_step:
+        # 1. sample a batch (numpy generator: reproducible, saved with the state)
+        x_np, y_np = sample_batch(train_set, state.rng, batch, train_crop, flips)
+        # 2. one optimizer step
+        value = train_step(state.model, state.optimizer, as_input(x_np, device),
+                           as_input(y_np, device), loss_fn)
+        state.step += 1
+        if hooks.on_step:
+            hooks.on_step(state.step, value)
+        # 3. evaluate on the whole eval set every eval_every steps and at the end
+        if state.step % eval_every == 0 or state.step == until_step:
+            record = {"step": state.step, "loss": value,
+                      **evaluate(state.model, eval_set, eval_crop, device),
+                      "train_seconds": round(time.perf_counter() - t0, 3)}
+            record.pop("n_images")
+            state.history.append(record)
+            if hooks.on_eval:
+                hooks.on_eval(state, record)
+        # 4. checkpoint
+        if hooks.on_checkpoint and (state.step % save_every == 0 or state.step == until_step):
+            hooks.on_checkpoint(state)
+    return state
+
+
+def best_record(history: list[dict[str, Any]], metric: str = "f1") -> dict[str, Any] | None:
+    """The evaluation with the best value of ``metric`` (earliest on ties)."""
+    if not history:
+        return None
+    sign = 1 if METRICS[metric].higher_is_better else -1
+    return max(history, key=lambda r: (sign * r[metric], -r["step"]))
