@@ -1,0 +1,378 @@
+"""The command line: a table from subcommand to function, argument parsing and result formatting.
+
+Nothing below this module reads ``sys.argv`` or prints results. User errors (bad values, missing
+files, corrupt checkpoints) are printed as one line ``selfscale: error: …`` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from selfscale import __version__
+from selfscale.errors import ConfigError, SelfscaleError
+
+# flag → (config section, field, parser). Only flags listed here feed the run config.
+CONFIG_FLAGS: dict[str, tuple[str, str]] = {
+    "task": ("task", "name"),
+    "data": ("data", "data"),
+    "eval_data": ("data", "eval_data"),
+    "targets": ("data", "targets"),
+    "eval_targets": ("data", "eval_targets"),
+    "crop": ("data", "crop"),
+    "train_crop": ("data", "train_crop"),
+    "batch": ("data", "batch"),
+    "flips": ("data", "flips"),
+    "eval_fraction": ("data", "eval_fraction"),
+    "split_seed": ("data", "split_seed"),
+    "max_images": ("data", "max_images"),
+    "cache_dir": ("data", "cache_dir"),
+    "widths": ("model", "widths"),
+    "kernel": ("model", "kernel"),
+    "init_std": ("model", "init_std"),
+    "steps": ("train", "steps"),
+    "eval_every": ("train", "eval_every"),
+    "loss": ("train", "loss"),
+    "lr": ("train", "lr"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+    "threads": ("train", "threads"),
+    "checkpoint_every": ("train", "checkpoint_every"),
+}
+# What may differ when a run is resumed: its length and where/how fast it runs.
+RESUME_OVERRIDES = {"steps", "device", "threads"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers such as 5,5,1, got {text!r}") from None
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+# --- subcommand: train --------------------------------------------------------------------------
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from selfscale.tasks import TASKS
+
+    g = p.add_argument_group("task")
+    g.add_argument("--task", choices=sorted(TASKS), help="the operator to learn: " + "; ".join(
+        f"{t.name}: {t.description}" for t in sorted(TASKS.values(), key=lambda t: t.name)))
+    g.add_argument("--task-param", action="append", metavar="KEY=VALUE", default=[],
+                   help="override an operator parameter, e.g. sigma=2.0 for canny (repeatable); "
+                        "every parameter is stored with the run")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, metavar="DIR",
+                   help="folder of images, searched recursively (png, jpg, tif, bmp, webp); "
+                        "default: scikit-image's bundled sample images with a fixed split")
+    g.add_argument("--eval-data", type=Path, metavar="DIR",
+                   help="folder of evaluation images (default: a seeded split of --data by file)")
+    g.add_argument("--targets", type=Path, metavar="DIR",
+                   help="task pairs: folder of target images named like the --data images")
+    g.add_argument("--eval-targets", type=Path, metavar="DIR",
+                   help="task pairs with --eval-data: folder of evaluation targets")
+    g.add_argument("--crop", type=int, metavar="N",
+                   help="side of the evaluation centre crop (default 256, as the thesis)")
+    g.add_argument("--train-crop", type=int, metavar="N",
+                   help="side of the random training crops (default: --crop)")
+    g.add_argument("--batch", type=int, metavar="N", help="crops per training step (default 3)")
+    g.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal/vertical flips of training crops (default off)")
+    g.add_argument("--eval-fraction", type=float, metavar="F",
+                   help="share of --data files held out for evaluation (default 0.2)")
+    g.add_argument("--split-seed", type=int, metavar="N",
+                   help="seed of the train/eval split by file (default 0)")
+    g.add_argument("--max-images", type=int, metavar="N",
+                   help="use at most N files per split (default: all)")
+    g.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="cache of decoded inputs and targets (default $SELFSCALE_CACHE or "
+                        "~/.cache/selfscale)")
+    g = p.add_argument_group("model")
+    g.add_argument("--widths", type=_widths, metavar="W1,W2,...",
+                   help="masks per layer, the last (output) must be 1 (default 5,5,1)")
+    g.add_argument("--kernel", type=int, metavar="K", help="odd mask side (default 5)")
+    g.add_argument("--init-std", type=_positive_float, metavar="S",
+                   help="std of the truncated-normal initialization (default 0.05)")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, metavar="N", help="training steps in total (default 10000)")
+    g.add_argument("--eval-every", type=int, metavar="N",
+                   help="evaluate on the whole eval set every N steps (default 500)")
+    g.add_argument("--loss", choices=["mae", "mse", "f1"], help="training loss (default mae)")
+    g.add_argument("--lr", type=_positive_float, metavar="X", help="Adam learning rate (default 0.001)")
+    g.add_argument("--seed", type=int, metavar="N", help="random seed (default 0)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where to train: auto uses CUDA when present (default auto)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: torch's choice); bit-identical results need the "
+                        "same count, and a resumed run keeps the count it started with")
+    g.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save the run state every N steps (default: at every evaluation)")
+    g = p.add_argument_group("run")
+    g.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML file with [data] [task] [model] [train] tables; flags override it")
+    g.add_argument("--out", type=Path, metavar="RUN_DIR",
+                   help="run directory to create (default runs/<task>, numbered if taken); "
+                        "never overwritten")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (only --steps, "
+                        "--device and --threads may change)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    """defaults < --config file < flags; returns a validated RunConfig."""
+    from selfscale.config import RunConfig, load_toml
+    from selfscale.tasks import parse_task_params
+
+    raw: dict[str, Any] = {k: dict(v) for k, v in (base or {}).items()}
+    if getattr(args, "config", None) is not None:
+        for section, values in load_toml(args.config).items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"--config: {section!r} must be a table like [{section}]")
+            raw.setdefault(section, {}).update(values)
+    for flag, (section, key) in CONFIG_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            raw.setdefault(section, {})[key] = value
+    if getattr(args, "task_param", None):
+        task = raw.setdefault("task", {})
+        task["params"] = {**task.get("params", {}), **parse_task_params(args.task_param)}
+    return RunConfig.from_dict(raw)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from selfscale.run import default_run_dir, load_run, start_run, train_run
+
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume: name the run to continue with --out RUN_DIR")
+        given = [f for f in CONFIG_FLAGS if getattr(args, f, None) is not None]
+        fixed = [f for f in given if f not in RESUME_OVERRIDES]
+        if fixed or args.task_param or args.config:
+            name = (fixed[0] if fixed else "task_param" if args.task_param else "config")
+            raise ConfigError(f"--{name.replace('_', '-')}: cannot be changed when resuming; a "
+                              "resumed run keeps its stored config (only --steps, --device and "
+                              "--threads may change)")
+        run = load_run(args.out, args.device or "auto")
+        if args.steps is not None:
+            run.config.train.steps = args.steps
+        if args.threads is not None:
+            run.meta["threads"] = args.threads
+    else:
+        config = config_from_args(args)
+        run = start_run(config, args.out or default_run_dir(config.task.name))
+    progress, hooks = _train_progress(run.config.train.steps, quiet=args.quiet,
+                                      start=run.state.step)
+    t0 = time.perf_counter()
+    try:
+        train_run(run, progress=not args.quiet, hooks=hooks)
+    finally:
+        progress.close()
+    _print_train_summary(run, time.perf_counter() - t0)
+    return 0
+
+
+def _train_progress(total: int, *, quiet: bool, start: int = 0):
+    from tqdm import tqdm
+
+    from selfscale.train import TrainHooks
+
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=quiet,
+               dynamic_ncols=True, file=sys.stderr)
+    last: dict[str, str] = {}
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(step - bar.n)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.4f}", **last, refresh=False)
+
+    def on_eval(state, record: dict[str, Any]) -> None:
+        last["f1"] = f"{record['f1']:.4f}"
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **last)
+        if quiet:
+            return
+        bar.write(f"step {record['step']:>6}  loss {record['loss']:.5f}  f1 {record['f1']:.4f}  "
+                  f"mae {record['mae']:.5f}  uiqi {record['uiqi']:.4f}", file=sys.stderr)
+
+    return bar, TrainHooks(on_step=on_step, on_eval=on_eval)
+
+
+def _print_train_summary(run, elapsed: float) -> None:
+    from selfscale.train import best_record
+
+    hist = run.state.history
+    print(f"run: {run.path}")
+    print(f"task: {run.config.task.name}  steps: {run.state.step}  time: {elapsed:.1f} s")
+    if hist:
+        last, best = hist[-1], best_record(hist)
+        print(f"final  f1 {last['f1']:.4f}  mae {last['mae']:.5f}  mse {last['mse']:.6f}  "
+              f"uiqi {last['uiqi']:.4f}")
+        print(f"best   f1 {best['f1']:.4f} at step {best['step']}")
+
+
+# --- evaluate / predict / info ------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from selfscale.data import load_eval_set
+    from selfscale.run import load_run, prepare_data, resolved_task
+    from selfscale.train import evaluate
+
+    run = load_run(args.run_dir, args.device)
+    task, params = resolved_task(run.config)
+    crop = None if args.full else (args.crop or run.config.data.crop)
+    if args.data is not None:
+        if task.from_files and args.targets is None:
+            raise ConfigError("--targets: task 'pairs' needs the target folder for --data")
+        images = load_eval_set(args.data, run.config.data, task, params, targets=args.targets)
+    else:
+        images = prepare_data(run.config).eval
+    device = next(run.state.model.parameters()).device
+    scores = evaluate(run.state.model, images, crop, device)
+    if args.json:
+        print(json.dumps({k: scores[k] for k in ("f1", "mae", "mse", "uiqi", "n_images")}))
+    else:
+        print(f"{run.path}: {scores['n_images']} eval images, "
+              + (f"centre crop {crop}" if crop else "whole images"))
+        for k in ("f1", "mae", "mse", "uiqi"):
+            print(f"  {k:<5} {scores[k]:.6f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from selfscale.predict import predict_files
+    from selfscale.run import load_run
+
+    run = load_run(args.run_dir, args.device)
+    device = next(run.state.model.parameters()).device
+    report = predict_files(run.state.model, args.inputs, args.out, device,
+                           overwrite=args.overwrite)
+    print(f"wrote {len(report.written)} image(s) to {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from selfscale.run import load_run, run_info
+
+    info = run_info(load_run(args.run_dir))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    arch = info["architecture"]
+    print(f"run        {info['run_dir']}")
+    params = ", ".join(f"{k}={v}" for k, v in info["task"]["params"].items())
+    print(f"task       {info['task']['name']}" + (f" ({params})" if params else ""))
+    print(f"network    {arch['layers']} layers, widths {arch['widths']}, kernel "
+          f"{arch['kernel']}×{arch['kernel']}, {arch['parameters']} parameters")
+    for i, (en, fr) in enumerate(zip(arch["enabled"], arch["frozen"])):
+        row = " ".join(("#" if e else ".") + ("*" if f else " ") for e, f in zip(en, fr))
+        print(f"  layer {i + 1}  {sum(en)}/{len(en)} active   {row}")
+    print("           (# enabled, . disabled, * frozen)")
+    print(f"step       {info['step']} of {info['target_steps']}")
+    for label, rec in (("last eval", info["last_eval"]), ("best eval", info["best_eval"])):
+        if rec:
+            print(f"{label:<10} step {rec['step']}: f1 {rec['f1']:.4f}  mae {rec['mae']:.5f}  "
+                  f"mse {rec['mse']:.6f}  uiqi {rec['uiqi']:.4f}")
+    cfg = info["config"]
+    print(f"training   loss {cfg['train']['loss']}, lr {cfg['train']['lr']}, batch "
+          f"{cfg['data']['batch']}, crop {cfg['data']['crop']}, seed {cfg['train']['seed']}, "
+          f"threads {info['threads']}")
+    if info.get("data"):
+        d = info["data"]
+        print(f"data       {d['source']}: {len(d['train'])} train, {len(d['eval'])} eval images")
+    return 0
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="selfscale", description=(
+        "Train a small fully convolutional network to imitate an image operator, then find the "
+        "smallest network that still does it."))
+    parser.add_argument("--version", action="version", version=f"selfscale {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a network on a task",
+                       description="Train the FCN on a task; writes a resumable run directory.")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="F1, MAE, MSE and UIQI of a run on eval images",
+                       description="Evaluate a run on its eval images or on another folder.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="evaluate on every usable image in DIR (default: the run's eval set)")
+    p.add_argument("--targets", type=Path, metavar="DIR", help="task pairs: targets for --data")
+    p.add_argument("--crop", type=int, metavar="N",
+                   help="centre crop side (default: the run's --crop)")
+    p.add_argument("--full", action="store_true", help="evaluate whole images instead of crops")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default auto)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with f1, mae, mse, uiqi, n_images")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write the network's output for images as PNGs",
+                       description="Run the network on whole images; one 8-bit PNG per input, "
+                                   "same height and width (output clipped to [0,1], ×255).")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                   help="image files or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: refuse)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default auto)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("info", help="config, architecture, switches and scores of a run",
+                       description="Show what a run directory holds.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"selfscale: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings
+    try:
+        return func(args)
+    except SelfscaleError as exc:
+        print(f"selfscale: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfscale: interrupted; a run continues from its last checkpoint with --resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = previous
