@@ -147,7 +147,7 @@ def predict_batches(model: FCN, images: ImageSet, crop: int | None,
                          images.targets[start:start + EVAL_BATCH])
         if crop is None:  # whole images, one at a time (sizes differ)
             for x_np, y_np in zip(chunk.inputs, chunk.targets):
-                x = as_input(np.ascontiguousarray(x_np)[None, None], device)
+                x = as_input(np.array(x_np, dtype=np.float32)[None, None], device)
                 yield model(x).float().cpu(), torch.from_numpy(np.array(y_np)[None, None])
         else:
             x_np, y_np = center_crops(chunk, crop)

@@ -1,0 +1,413 @@
+"""Tests of selfscale.data: building cached data sets, skipping bad files, splits, crops, batches."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfscale import data as data_mod
+from selfscale.config import DataConfig
+from selfscale.data import (BUNDLED_EVAL, BUNDLED_TRAIN, CACHE_FORMAT, ImageSet,
+                            SkippedImagesWarning, bundled_image_paths, cache_folder,
+                            center_crops, load_datasets, load_eval_set, sample_batch,
+                            split_by_file)
+from selfscale.errors import DataError
+from selfscale.images import load_gray
+from selfscale.tasks import get_task, make_target, resolve_params
+
+SOBEL = get_task("sobel")
+SOBEL_PARAMS = resolve_params(SOBEL, {})
+
+
+def counting(task):
+    """``task`` with an operator that counts its calls in ``.calls``."""
+    calls = []
+
+    def fn(image, **params):
+        calls.append(image.shape)
+        return task.fn(image, **params)
+
+    counted = dataclasses.replace(task, fn=fn)
+    return counted, calls
+
+
+def cfg(tmp_path, **kwargs) -> DataConfig:
+    kwargs.setdefault("crop", 16)
+    kwargs.setdefault("cache_dir", tmp_path / "cache")
+    return DataConfig(**kwargs)
+
+
+def entries(tmp_path):
+    return sorted((tmp_path / "cache" / f"arrays-v{CACHE_FORMAT}").glob("*.npy"))
+
+
+@contextlib.contextmanager
+def no_warnings():
+    """Any warning inside is an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+# --- building -----------------------------------------------------------------------------------
+
+def test_inputs_and_targets_are_whole_images(tmp_path, image_folder):
+    """Inputs equal load_gray of the file; targets equal the operator on the WHOLE image."""
+    sets = load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS)
+    assert sets.source == str(image_folder)
+    for images in (sets.train, sets.eval):
+        for name, x, y in zip(images.names, images.inputs, images.targets):
+            whole = load_gray(image_folder / name)
+            assert isinstance(x, np.memmap) and x.dtype == np.float32
+            np.testing.assert_array_equal(x, whole)
+            np.testing.assert_array_equal(y, make_target(SOBEL, whole, SOBEL_PARAMS))
+    assert sorted(sets.train.names + sets.eval.names) == sorted(
+        p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+    assert sets.report.n_found == sets.report.n_used == 6 and not sets.report.skipped
+
+
+def test_broken_folder_skips_exactly_the_bad_files(tmp_path, broken_folder, image_folder):
+    """Good and convertible files load; each broken one is skipped for its reason; one warning."""
+    with pytest.warns(SkippedImagesWarning) as record:
+        sets = load_datasets(cfg(tmp_path, data=broken_folder.root, eval_data=image_folder),
+                             SOBEL, SOBEL_PARAMS)
+    good = sorted(n for n, r in broken_folder.expected.items() if r is None)
+    assert sets.train.names == good
+    expected = {}
+    for reason in broken_folder.expected.values():
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert sets.report.skipped == expected
+    assert sets.report.first_skipped["truncated"] == "cut.jpg"
+    assert len(record) == 1
+    message = str(record[0].message)
+    n_bad = sum(expected.values())
+    assert message.startswith(f"skipped {n_bad} of {len(broken_folder.expected) + 6} images: ")
+    assert "2 truncated (first: cut.jpg)" in message and "1 too-small (first: tiny.png)" in message
+    sixteen = sets.train.inputs[sets.train.names.index("sixteen.png")]
+    np.testing.assert_array_equal(sixteen[0, :3], np.float32([0, 32768 / 65535, 1.0]))
+
+
+def test_load_eval_set_folder_and_warning(tmp_path, broken_folder):
+    """Every usable image of the folder is an eval image; the skips warn once."""
+    n_bad = sum(r is not None for r in broken_folder.expected.values())
+    with pytest.warns(SkippedImagesWarning,
+                      match=f"skipped {n_bad} of {len(broken_folder.expected)} images") as record:
+        images = load_eval_set(broken_folder.root, cfg(tmp_path), SOBEL, SOBEL_PARAMS)
+    assert len(record) == 1
+    assert images.names == sorted(n for n, r in broken_folder.expected.items() if r is None)
+
+
+def test_too_small_depends_on_the_split_crop(tmp_path, image_folder):
+    """40×48 images fit a 40 train crop but not a 48 eval crop."""
+    with pytest.raises(DataError, match=r"no usable eval images in .*: 1 found: 1 too-small "
+                                        r"\(images must be at least 48×48\)"):
+        load_datasets(cfg(tmp_path, data=image_folder, crop=48, train_crop=40),
+                      SOBEL, SOBEL_PARAMS)
+
+
+def test_progress_bar_goes_to_stderr(tmp_path, image_folder, capsys):
+    """progress=True shows tqdm on stderr; stdout stays empty."""
+    load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS, progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "loading" in err
+
+
+def test_max_images_keeps_the_first_of_each_part(tmp_path, image_folder):
+    """--max-images 1: one sorted-first file per part."""
+    full = load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS)
+    one = load_datasets(cfg(tmp_path, data=image_folder, max_images=1), SOBEL, SOBEL_PARAMS)
+    assert one.train.names == full.train.names[:1] and one.eval.names == full.eval.names[:1]
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    """Missing folder, empty folder, a single file and nothing usable: one-line DataErrors."""
+    with pytest.raises(DataError, match=r"^--data: folder not found: .*nowhere$"):
+        load_datasets(cfg(tmp_path, data=tmp_path / "nowhere"), SOBEL, SOBEL_PARAMS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"^--data: no image files .* found in .*empty$"):
+        load_datasets(cfg(tmp_path, data=tmp_path / "empty"), SOBEL, SOBEL_PARAMS)
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "one" / "x.png")
+    with pytest.raises(DataError, match="holds 1 image file; a split .* needs at least 2"):
+        load_datasets(cfg(tmp_path, data=tmp_path / "one"), SOBEL, SOBEL_PARAMS)
+    with pytest.raises(DataError, match=r"^--eval-data: folder not found"):
+        load_datasets(cfg(tmp_path, data=tmp_path / "one", eval_data=tmp_path / "no"),
+                      SOBEL, SOBEL_PARAMS)
+
+
+def test_nothing_usable_names_folder_and_counts(tmp_path):
+    """All files bad: the error names the folder and the counts by reason, no warning."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    for name in ("a.png", "b.png", "c.jpg"):
+        (root / name).write_text("text")
+    (root / "d.png").write_bytes(b"")
+    with no_warnings(), pytest.raises(DataError) as info:
+        load_datasets(cfg(tmp_path, data=root), SOBEL, SOBEL_PARAMS)
+    message = str(info.value)
+    assert message.startswith(f"no usable training images in {root}: ")
+    assert "\n" not in message and ("not-an-image" in message or "empty" in message)
+
+
+# --- cache --------------------------------------------------------------------------------------
+
+def test_second_build_is_all_cache_hits_without_operator_calls(tmp_path, image_folder):
+    """The second build decodes nothing and calls the operator zero times."""
+    task, calls = counting(SOBEL)
+    first = load_datasets(cfg(tmp_path, data=image_folder), task, SOBEL_PARAMS)
+    assert len(calls) == 6 and first.report.cache_hits == 0 and len(entries(tmp_path)) == 6
+    second = load_datasets(cfg(tmp_path, data=image_folder), task, SOBEL_PARAMS)
+    assert len(calls) == 6 and second.report.cache_hits == 6
+    assert second.report.summary() == "used 6 of 6 images (6 from cache)"
+    for a, b in zip(first.train.targets, second.train.targets):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_changed_param_or_file_misses(tmp_path, image_folder):
+    """A different task parameter misses everything; a touched file misses only itself."""
+    task, calls = counting(SOBEL)
+    load_datasets(cfg(tmp_path, data=image_folder), task, SOBEL_PARAMS)
+    other = {**SOBEL_PARAMS, "mode": "nearest"}
+    assert load_datasets(cfg(tmp_path, data=image_folder), task, other).report.cache_hits == 0
+    assert len(calls) == 12
+    path = image_folder / "a" / "one.png"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = load_datasets(cfg(tmp_path, data=image_folder), task, SOBEL_PARAMS)
+    assert again.report.cache_hits == 5 and len(calls) == 13
+
+
+def test_damaged_cache_entries_are_rebuilt(tmp_path, image_folder):
+    """A truncated entry, garbage and an over-long file are never trusted: rebuilt and equal."""
+    task, calls = counting(SOBEL)
+    first = load_datasets(cfg(tmp_path, data=image_folder), task, SOBEL_PARAMS)
+    # copy, then drop the memory maps: damaging a mapped file in place would be a SIGBUS
+    before = [np.array(x) for x in first.train.inputs + first.eval.inputs]
+    del first
+    files = entries(tmp_path)
+    files[0].write_bytes(files[0].read_bytes()[:-7])
+    files[1].write_bytes(b"garbage")
+    files[2].write_bytes(files[2].read_bytes() + b"\0" * 8)
+    second = load_datasets(cfg(tmp_path, data=image_folder), task, SOBEL_PARAMS)
+    assert len(calls) == 9 and second.report.cache_hits == 3
+    for a, b in zip(before, second.train.inputs + second.eval.inputs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_killed_write_leaves_no_entry(tmp_path, image_folder, monkeypatch):
+    """A build killed mid-write leaves neither an entry nor a temp file; the next one recomputes."""
+    real_save = np.save
+
+    def half_then_die(fh, arr, **kwargs):
+        fh.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_mod.np, "save", half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS)
+    folder = tmp_path / "cache" / f"arrays-v{CACHE_FORMAT}"
+    assert list(folder.iterdir()) == []
+    monkeypatch.setattr(data_mod.np, "save", real_save)
+    assert load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS).report.cache_hits == 0
+
+
+def test_stale_temp_files_are_removed(tmp_path, image_folder):
+    """Temp files older than an hour (a killed process) are deleted; fresh ones are left alone."""
+    folder = tmp_path / "cache" / f"arrays-v{CACHE_FORMAT}"
+    folder.mkdir(parents=True)
+    old, fresh = folder / ".abc.1.x.tmp", folder / ".def.2.y.tmp"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    past = time.time() - 2 * data_mod.STALE_TEMP_SECONDS
+    os.utime(old, (past, past))
+    load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS)
+    assert not old.exists() and fresh.exists()
+
+
+def test_cache_folder_precedence(tmp_path, monkeypatch):
+    """--cache-dir, then $SELFSCALE_CACHE, then $XDG_CACHE_HOME/selfscale."""
+    assert cache_folder(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.setenv("SELFSCALE_CACHE", str(tmp_path / "env"))
+    assert cache_folder(None) == tmp_path / "env"
+    monkeypatch.delenv("SELFSCALE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_folder(None) == tmp_path / "xdg" / "selfscale"
+
+
+# --- split --------------------------------------------------------------------------------------
+
+def test_split_is_deterministic_and_order_free():
+    """Same names and seed → same split, whatever the order; sizes follow eval_fraction."""
+    names = [f"img{i:02d}.png" for i in range(20)]
+    train, evals = split_by_file(names, 0.2, 3)
+    assert (train, evals) == split_by_file(names[::-1], 0.2, 3)
+    assert len(evals) == 4 and sorted(train + evals) == names and not set(train) & set(evals)
+    assert split_by_file(names, 0.2, 4) != (train, evals)
+    assert [len(split_by_file(names[:n], 0.01, 0)[1]) for n in (2, 3)] == [1, 1]
+    assert [len(split_by_file(names[:n], 0.99, 0)[0]) for n in (2, 3)] == [1, 1]
+
+
+def test_split_moves_little_when_a_file_is_added():
+    """Adding one file changes the eval part by at most one file."""
+    names = [f"img{i:02d}.png" for i in range(20)]
+    _, before = split_by_file(names, 0.25, 0)
+    _, after = split_by_file(names + ["new.png"], 0.25, 0)
+    assert len(set(before) - set(after)) <= 1
+
+
+def test_split_of_data_folder_is_reproducible(tmp_path, image_folder):
+    """load_datasets splits --data the same way every time, by --split-seed."""
+    a = load_datasets(cfg(tmp_path, data=image_folder, split_seed=5), SOBEL, SOBEL_PARAMS)
+    b = load_datasets(cfg(tmp_path, data=image_folder, split_seed=5), SOBEL, SOBEL_PARAMS)
+    assert (a.train.names, a.eval.names) == (b.train.names, b.eval.names)
+    assert len(a.eval) == 1  # round(6 × 0.2)
+
+
+# --- pairs --------------------------------------------------------------------------------------
+
+def test_pairs_reads_targets_by_relative_path_and_stem(tmp_path, image_folder):
+    """Targets come from the same relative path and stem, any suffix; a missing or wrongly sized
+    target is skipped with its reason."""
+    pairs = get_task("pairs")
+    targets = tmp_path / "targets"
+    for path in image_folder.rglob("*.*"):
+        rel = path.relative_to(image_folder).with_suffix(".tif")
+        (targets / rel.parent).mkdir(parents=True, exist_ok=True)
+        edge = (255 - np.asarray(Image.open(path).convert("L"))).astype(np.uint8)
+        Image.fromarray(edge).save(targets / rel)
+    (targets / "a" / "two.tif").unlink()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(targets / "b" / "three.tif")
+    config = cfg(tmp_path, data=image_folder, targets=targets, eval_fraction=0.5)
+    with pytest.warns(SkippedImagesWarning, match=r"skipped 2 of 6 images: 1 size-mismatch "
+                      r"\(first: b/three.png\), 1 no-target \(first: a/two.png\)$"):
+        sets = load_datasets(config, pairs, {})
+    assert sets.report.skipped == {"no-target": 1, "size-mismatch": 1}
+    for images in (sets.train, sets.eval):
+        for name, x, y in zip(images.names, images.inputs, images.targets):
+            target = load_gray((targets / name).with_suffix(".tif"))
+            np.testing.assert_array_equal(y, target)
+            np.testing.assert_allclose(x, 1 - target, atol=1 / 255 + 1e-6)
+
+
+def test_pairs_without_targets_is_an_error(tmp_path, image_folder):
+    """Task pairs needs --data and --targets; bundled data has no targets."""
+    pairs = get_task("pairs")
+    with pytest.raises(DataError, match="^--targets: task 'pairs' needs"):
+        load_datasets(cfg(tmp_path, data=image_folder), pairs, {})
+    with pytest.raises(DataError, match="^--data: task 'pairs' needs --data and --targets"):
+        load_datasets(cfg(tmp_path), pairs, {})
+    with pytest.raises(DataError, match="^--targets: target folder not found: .*nowhere"):
+        load_datasets(cfg(tmp_path, data=image_folder, targets=tmp_path / "nowhere"), pairs, {})
+    with pytest.raises(DataError, match="^--eval-targets: task 'pairs' with --eval-data needs"):
+        load_datasets(cfg(tmp_path, data=image_folder, targets=image_folder,
+                          eval_data=image_folder), pairs, {})
+
+
+# --- crops and batches --------------------------------------------------------------------------
+
+def _toy_set() -> ImageSet:
+    rng = np.random.default_rng(0)
+    inputs = [rng.random((30, 40), dtype=np.float32), rng.random((25, 21), dtype=np.float32)]
+    return ImageSet(["a", "b"], inputs, [1 - x for x in inputs])
+
+
+def test_sample_batch_reproducible_and_cut_from_whole_arrays():
+    """Same seed → same batch; each crop is the region the documented rng order selects."""
+    images = _toy_set()
+    for flips in (False, True):
+        x, y = sample_batch(images, np.random.default_rng(7), 5, 16, flips)
+        x2, y2 = sample_batch(images, np.random.default_rng(7), 5, 16, flips)
+        np.testing.assert_array_equal(x, x2)
+        assert x.shape == y.shape == (5, 1, 16, 16) and x.dtype == np.float32
+        assert x.flags.c_contiguous and not np.shares_memory(x, images.inputs[0])
+        rng = np.random.default_rng(7)
+        for i in range(5):
+            k = int(rng.integers(2))
+            h, w = images.inputs[k].shape
+            top, left = int(rng.integers(h - 15)), int(rng.integers(w - 15))
+            region = np.s_[top:top + 16, left:left + 16]
+            xi, yi = images.inputs[k][region], images.targets[k][region]
+            if flips:
+                if rng.random() < 0.5:
+                    xi, yi = xi[:, ::-1], yi[:, ::-1]
+                if rng.random() < 0.5:
+                    xi, yi = xi[::-1], yi[::-1]
+            np.testing.assert_array_equal(x[i, 0], xi)
+            np.testing.assert_array_equal(y[i, 0], yi)
+    other, _ = sample_batch(images, np.random.default_rng(8), 5, 16, False)
+    assert not np.array_equal(other, sample_batch(images, np.random.default_rng(7), 5, 16, False)[0])
+
+
+def test_sample_batch_flips_both_ways_over_many_draws():
+    """With flips, input and target stay aligned and all four orientations occur."""
+    images = _toy_set()
+    x, y = sample_batch(images, np.random.default_rng(1), 200, 20, True)
+    np.testing.assert_array_equal(y, 1 - x)
+    assert len({int(np.argmax(c[0])) for c in x}) > 4
+
+
+def test_crop_larger_than_image_is_rejected():
+    """A crop that does not fit names the image."""
+    with pytest.raises(ValueError, match="crop 26 does not fit b"):
+        center_crops(_toy_set(), 26)
+    with pytest.raises(ValueError, match="empty"):
+        sample_batch(ImageSet([], [], []), np.random.default_rng(0), 1, 8, False)
+
+
+def test_center_crops_position():
+    """Centre crop starts at ((H − c) // 2, (W − c) // 2): (7, 12) and (4, 2) for c = 16."""
+    images = _toy_set()
+    x, y = center_crops(images, 16)
+    assert x.shape == (2, 1, 16, 16)
+    np.testing.assert_array_equal(x[0, 0], images.inputs[0][7:23, 12:28])
+    np.testing.assert_array_equal(x[1, 0], images.inputs[1][4:20, 2:18])
+    np.testing.assert_array_equal(y, 1 - x)
+
+
+# --- bundled ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """The default bundled data set at the default crop, built once into a module cache."""
+    cache = tmp_path_factory.mktemp("bundled-cache")
+    with no_warnings():
+        return load_datasets(DataConfig(cache_dir=cache), SOBEL, SOBEL_PARAMS), cache
+
+
+def test_bundled_split_is_fixed_and_disjoint():
+    """Fixed names, no image in both parts, every file shipped with scikit-image."""
+    train, evals = bundled_image_paths()
+    assert [p.name for p in train] == list(BUNDLED_TRAIN)
+    assert [p.name for p in evals] == list(BUNDLED_EVAL) == ["camera.png", "coffee.png",
+                                                             "coins.png", "gravel.png"]
+    assert not set(BUNDLED_TRAIN) & set(BUNDLED_EVAL)
+    assert all(p.is_file() for p in train + evals)
+
+
+def test_bundled_default_loads_everything_without_warnings(bundled):
+    """At the default crop 256 every bundled image is used and nothing warns."""
+    sets, _ = bundled
+    assert sets.source == "bundled"
+    assert sets.train.names == list(BUNDLED_TRAIN) and sets.eval.names == list(BUNDLED_EVAL)
+    assert sets.report.n_used == sets.report.n_found == len(BUNDLED_TRAIN) + len(BUNDLED_EVAL)
+    camera = sets.eval.inputs[0]
+    assert camera.shape == (512, 512) and 0.0 <= camera.min() and camera.max() <= 1.0
+
+
+def test_load_eval_set_none_is_the_bundled_eval_split(bundled):
+    """load_eval_set(None) gives the bundled eval images, from the cache."""
+    sets, cache = bundled
+    images = load_eval_set(None, DataConfig(cache_dir=cache), SOBEL, SOBEL_PARAMS)
+    assert images.names == list(BUNDLED_EVAL)
+    for a, b in zip(images.targets, sets.eval.targets):
+        np.testing.assert_array_equal(a, b)
