@@ -235,25 +235,30 @@ def _print_train_summary(run, elapsed: float) -> None:
 # --- evaluate / predict / info ------------------------------------------------------------------
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from selfscale.data import load_eval_set
-    from selfscale.run import load_run, prepare_data, resolved_task
+    from selfscale.minimize.session import load_network
+    from selfscale.run import prepare_data, resolved_task
     from selfscale.train import evaluate
 
-    run = load_run(args.run_dir, args.device)
+    run, model, stage = load_network(args.run_dir, args.stage, args.device)
     task, params = resolved_task(run.config)
     crop = None if args.full else (args.crop or run.config.data.crop)
     if args.data is not None:
         if task.from_files and args.targets is None:
             raise ConfigError("--targets: task 'pairs' needs the target folder for --data")
-        images = load_eval_set(args.data, run.config.data, task, params, targets=args.targets)
+        data_cfg = dataclasses.replace(run.config.data, crop=8) if args.full else run.config.data
+        images = load_eval_set(args.data, data_cfg, task, params, targets=args.targets)
     else:
         images = prepare_data(run.config).eval
-    device = next(run.state.model.parameters()).device
-    scores = evaluate(run.state.model, images, crop, device)
+    device = next(model.parameters()).device
+    scores = evaluate(model, images, crop, device)
     if args.json:
-        print(json.dumps({k: scores[k] for k in ("f1", "mae", "mse", "uiqi", "n_images")}))
+        print(json.dumps({k: scores[k] for k in ("f1", "mae", "mse", "uiqi", "n_images")}
+                         | {"stage": stage}))
     else:
-        print(f"{run.path}: {scores['n_images']} eval images, "
+        print(f"{run.path} ({stage} network): {scores['n_images']} eval images, "
               + (f"centre crop {crop}" if crop else "whole images"))
         for k in ("f1", "mae", "mse", "uiqi"):
             print(f"  {k:<5} {scores[k]:.6f}")
@@ -262,25 +267,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from selfscale.predict import predict_files
-    from selfscale.run import load_run
 
-    run = load_run(args.run_dir, args.device)
-    device = next(run.state.model.parameters()).device
-    report = predict_files(run.state.model, args.inputs, args.out, device,
-                           overwrite=args.overwrite)
-    print(f"wrote {len(report.written)} image(s) to {args.out}")
+    model, label = _model_for_predict(args.run_dir, args.stage, args.device)
+    device = next(model.parameters()).device
+    report = predict_files(model, args.inputs, args.out, device, overwrite=args.overwrite)
+    print(f"wrote {len(report.written)} image(s) to {args.out} ({label})")
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from selfscale.run import load_run, run_info
+def _model_for_predict(source: Path, stage: str, device: str):
+    """A run directory (base or minimized network) or a compact model file from `export`."""
+    from selfscale.compact import load_compact
+    from selfscale.minimize.session import load_network
+    from selfscale.train import resolve_device
 
-    info = run_info(load_run(args.run_dir))
+    if source.is_file():
+        if source.suffix == ".onnx":
+            raise ConfigError(f"{source}: predict takes a run directory or a compact .pt file; "
+                              "run ONNX models with onnxruntime")
+        model = load_compact(source).to(resolve_device(device))
+        return model.to(memory_format=torch_channels_last()), f"compact model {source.name}"
+    _, model, used = load_network(source, stage, device)
+    return model, f"{used} network"
+
+
+def torch_channels_last():
+    import torch
+
+    return torch.channels_last
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from selfscale.minimize.session import load_network, load_summary
+    from selfscale.run import run_info
+
+    run, model, stage = load_network(args.run_dir, args.stage)
+    run.state.model = model
+    info = run_info(run) | {"stage": stage, "minimization": load_summary(args.run_dir)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     arch = info["architecture"]
-    print(f"run        {info['run_dir']}")
+    print(f"run        {info['run_dir']}  ({stage} network)")
     params = ", ".join(f"{k}={v}" for k, v in info["task"]["params"].items())
     print(f"task       {info['task']['name']}" + (f" ({params})" if params else ""))
     print(f"network    {arch['layers']} layers, widths {arch['widths']}, kernel "
@@ -301,6 +329,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info.get("data"):
         d = info["data"]
         print(f"data       {d['source']}: {len(d['train'])} train, {len(d['eval'])} eval images")
+    if info["minimization"]:
+        _print_minimize_summary(info["minimization"])
     return 0
 
 
@@ -332,12 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run (default auto)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with f1, mae, mse, uiqi, n_images")
+    _add_stage(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write the network's output for images as PNGs",
                        description="Run the network on whole images; one 8-bit PNG per input, "
                                    "same height and width (output clipped to [0,1], ×255).")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR|MODEL.pt",
+                   help="a run directory, or a compact model written by 'selfscale export'")
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
                    help="image files or folders (searched recursively)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
@@ -345,14 +377,271 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing output files (default: refuse)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default auto)")
+    _add_stage(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("info", help="config, architecture, switches and scores of a run",
                        description="Show what a run directory holds.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_stage(p)
     p.set_defaults(func=cmd_info)
+
+    add_minimize_parsers(sub)
     return parser
+
+
+def _add_stage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", choices=["auto", "base", "minimized"], default="auto",
+                   help="which network of the run: auto = the minimized one when the run has "
+                        "been minimized, else the base network (default auto)")
+
+
+# --- minimize / export / demo -------------------------------------------------------------------
+
+MINIMIZE_FLAGS = ("strategy", "threshold", "retrain_steps", "base_steps", "mode", "reference",
+                  "layers", "max_steps", "metric", "patience", "random_steps", "oracle_steps",
+                  "reinit", "seed")
+
+
+def _strategy_names() -> list[str]:
+    from selfscale.minimize.proposal import STRATEGIES
+    import selfscale.minimize.strategies  # noqa: F401
+
+    return sorted(STRATEGIES)
+
+
+def add_minimize_parsers(sub) -> None:
+    from selfscale.config import MinimizeConfig
+
+    d = MinimizeConfig()
+    p = sub.add_parser("minimize", help="find the smallest network that still does the task",
+                       description="Alter the trained network one decision at a time (disable a "
+                       "mask or remove a layer), retrain, and keep the change if score_new >= "
+                       "threshold × reference, else step back (thesis 2.4). Results go to "
+                       "RUN_DIR/minimize/ (or a new run with --out).")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run directory")
+    p.add_argument("--strategy", default=d.strategy, metavar="NAME",
+                   help=f"selection strategy (default {d.strategy}): "
+                        + ", ".join(_strategy_names()))
+    p.add_argument("--threshold", type=float, default=d.threshold, metavar="T",
+                   help=f"keep a change when score_new >= T × reference; T in (0, 1] "
+                        f"(default {d.threshold})")
+    p.add_argument("--retrain-steps", type=int, default=d.retrain_steps, metavar="N",
+                   help=f"training steps after every alteration (default {d.retrain_steps})")
+    p.add_argument("--base-steps", type=int, metavar="N",
+                   help="first train the run up to N steps (default: use it as it is)")
+    p.add_argument("--mode", default=d.mode, choices=["disabled-frozen", "disabled",
+                                                       "others-frozen"],
+                   help="how a mask's worth is tested (thesis 2.4.1): disabled-frozen removes it "
+                        "(default); disabled / others-frozen reset it and let it relearn "
+                        "(nothing is removed)")
+    p.add_argument("--reference", default=d.reference, choices=["base", "previous"],
+                   help="compare with the base score (default; kept changes cannot compound) "
+                        "or with the last kept score (the thesis)")
+    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=d.layers,
+                   help="after the masks, try removing whole hidden layers (default on)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="at most N minimization steps (decisions) in total")
+    p.add_argument("--metric", default=d.metric, choices=["f1", "uiqi", "mae", "mse"],
+                   help=f"eval score compared with the threshold (default {d.metric}, the "
+                        "mean soft F1)")
+    p.add_argument("--patience", type=int, default=d.patience, metavar="N",
+                   help=f"ranked strategies stop after N consecutive step-backs "
+                        f"(default {d.patience}, as the thesis's cosmax)")
+    p.add_argument("--random-steps", type=int, default=d.random_steps, metavar="N",
+                   help=f"the random strategy stops after N steps (default {d.random_steps})")
+    p.add_argument("--oracle-steps", type=int, default=d.oracle_steps, metavar="N",
+                   help=f"short retrain per mask tried by the oracle (default {d.oracle_steps})")
+    p.add_argument("--reinit", action="store_true",
+                   help="modes disabled/others-frozen: redraw the mask instead of zeroing it")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="N",
+                   help="seed of the minimization's own random choices (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default auto)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write a new run directory (a copy of the base run plus the "
+                        "minimization) instead of minimizing RUN_DIR in place")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed minimization from its last decision")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_minimize)
+
+    p = sub.add_parser("export", help="write the physically smaller network (torch or ONNX)",
+                       description="Build the compact network (disabled masks, their biases and "
+                       "the next layer's matching inputs removed), check it against the masked "
+                       "network on the eval images (max abs difference <= 1e-5), then write it.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--format", default="torch", choices=["torch", "onnx"],
+                   help="torch: tensors + architecture, loadable with torch.load(weights_only="
+                        "True); onnx: verified with onnxruntime (default torch)")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where to verify (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_stage(p)
+    p.set_defaults(func=cmd_export)
+
+    from selfscale.demo import DemoConfig
+
+    dd = DemoConfig()
+    p = sub.add_parser("demo", help="the whole story on the bundled images (a few minutes)",
+                       description="Train on the bundled scikit-image samples, minimize, export "
+                       "(torch and ONNX), time masked vs compact, and write PNG previews.")
+    p.add_argument("--task", default=dd.task, choices=["sobel", "canny", "otsu"],
+                   help=f"operator to learn (default {dd.task})")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="run directory to create (default runs/demo-<task>, numbered if taken)")
+    p.add_argument("--steps", type=int, default=dd.steps, metavar="N",
+                   help=f"base training steps (default {dd.steps})")
+    p.add_argument("--train-crop", type=int, default=dd.train_crop, metavar="N",
+                   help=f"training crop side (default {dd.train_crop}; eval uses 256)")
+    p.add_argument("--retrain-steps", type=int, default=dd.retrain_steps, metavar="N",
+                   help=f"steps after every alteration (default {dd.retrain_steps})")
+    p.add_argument("--strategy", default=dd.strategy, metavar="NAME",
+                   help=f"selection strategy (default {dd.strategy})")
+    p.add_argument("--threshold", type=float, default=dd.threshold, metavar="T",
+                   help=f"keep threshold (default {dd.threshold})")
+    p.add_argument("--seed", type=int, default=dd.seed, metavar="N", help="random seed (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default auto)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_demo)
+
+
+def _decision_printer(quiet: bool):
+    def on_decision(m, d) -> None:
+        if quiet:
+            return
+        verdict = "kept" if d["kept"] else "stepped back"
+        print(f"  step {d['step']:>3}  {d['tried']:<20} {d['metric']} {d['score']:.4f}  "
+              f"ratio {d['ratio']:.3f} {'>=' if d['kept'] else '<'} {d['threshold']}  "
+              f"{verdict:<12}  active {'/'.join(map(str, d['active']))}  "
+              f"({d['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    return on_decision
+
+
+def cmd_minimize(args: argparse.Namespace) -> int:
+    from selfscale.config import MinimizeConfig
+    from selfscale.minimize.proposal import StrategyOptions, make_strategy
+    from selfscale.minimize.session import minimize_run
+
+    config = MinimizeConfig(**{k: getattr(args, k) for k in MINIMIZE_FLAGS})
+    make_strategy(config.strategy, StrategyOptions(config.patience, config.random_steps,
+                                                   config.oracle_steps))  # validate early
+    hooks = None
+    bar = None
+    if config.base_steps is not None and not args.quiet:
+        bar, hooks = _train_progress(config.base_steps, quiet=args.quiet)
+    if not args.quiet:
+        print(f"minimizing {args.run_dir} with {config.strategy}, threshold {config.threshold} "
+              f"of the {config.reference} {config.metric}, {config.retrain_steps} retrain steps",
+              file=sys.stderr)
+    try:
+        result = minimize_run(args.run_dir, config, out=args.out, resume=args.resume,
+                              device=args.device, on_decision=_decision_printer(args.quiet),
+                              train_hooks=hooks)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"run: {result.run_dir}")
+    _print_minimize_summary(result.summary)
+    return 0
+
+
+def _print_minimize_summary(s: dict[str, Any]) -> None:
+    before, after = s["scores_before"], s["scores_after"]
+    print(f"minimization ({s['strategy']}, threshold {s['threshold']} of {s['reference']} "
+          f"{s['metric']}, mode {s['mode']}): {s['decisions']} decisions, {s['kept']} kept, "
+          f"{s['steps_trained']} retrain steps, {s['seconds']:.1f} s")
+    print(f"  masks per layer  {'/'.join(map(str, s['widths_before']))} -> "
+          f"{'/'.join(map(str, s['widths_after']))}   (prunable masks {s['masks_before']} -> "
+          f"{s['masks_after']}, layers {s['layers_before']} -> {s['layers_after']})")
+    print(f"  parameters       {s['parameters_before']} -> {s['parameters_after']}   "
+          f"MACs/pixel {s['macs_per_pixel_before']} -> {s['macs_per_pixel_after']}")
+    print(f"  f1 {before['f1']:.4f} -> {after['f1']:.4f}   uiqi {before['uiqi']:.4f} -> "
+          f"{after['uiqi']:.4f}   mae {before['mae']:.5f} -> {after['mae']:.5f}")
+    for i, row in enumerate(s["mask_matrix"]):
+        print(f"  layer {i + 1}: " + " ".join("1" if on else "0" for on in row)
+              + ("  (removed)" if not any(row) else ""))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from selfscale.compact import export
+    from selfscale.data import center_crops
+    from selfscale.minimize.session import load_network
+    from selfscale.run import prepare_data
+    from selfscale.train import as_input
+
+    run, model, stage = load_network(args.run_dir, args.stage, args.device)
+    images = prepare_data(run.config).eval
+    x_np, _ = center_crops(images, run.config.data.crop)
+    x = as_input(x_np, next(model.parameters()).device)
+    meta = {"task": run.config.task.name, "task_params": run.config.task.params,
+            "source_run": str(run.path), "stage": stage}
+    report = export(model, args.format, args.out, check_inputs=x, meta=meta,
+                    overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                          for k, v in dataclasses.asdict(report).items()}))
+        return 0
+    print(f"wrote {report.path} ({report.format}, {stage} network)")
+    print(f"  widths      {'/'.join(map(str, report.widths_before))} -> "
+          f"{'/'.join(map(str, report.widths_after))}")
+    print(f"  parameters  {report.params_before} -> {report.params_after}   MACs/pixel "
+          f"{report.macs_before} -> {report.macs_after}")
+    print(f"  checked on {x.shape[0]} eval crops: max |masked - compact| = "
+          f"{report.max_abs_diff:.2e}"
+          + (f", max |onnxruntime - torch| = {report.onnx_max_abs_diff:.2e}"
+             if report.onnx_max_abs_diff is not None else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from selfscale.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(task=args.task, out=args.out, steps=args.steps, train_crop=args.train_crop,
+                     retrain_steps=args.retrain_steps, strategy=args.strategy,
+                     threshold=args.threshold, seed=args.seed, device=args.device,
+                     threads=args.threads)
+    _strategy_check(cfg.strategy)
+
+    def phase(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    bar, hooks = _train_progress(cfg.steps, quiet=args.quiet)
+    try:
+        res = run_demo(cfg, train_hooks=hooks, on_decision=_decision_printer(args.quiet),
+                       on_phase=lambda t: (bar.close(), phase(t)))
+    finally:
+        bar.close()
+    s = res["summary"]
+    print()
+    print(f"selfscale demo: task {args.task}, run directory {res['run_dir']}")
+    _print_minimize_summary(s)
+    sp, sb = res["speed_masked_vs_compact"], res["speed_base_vs_compact"]
+    print(f"  inference on {len(s['mask_matrix'])}-layer eval batch: masked "
+          f"{sp['masked_s'] * 1e3:.2f} ms, compact {sp['compact_s'] * 1e3:.2f} ms "
+          f"({sp['speedup']:.2f}x); full base network {sb['masked_s'] * 1e3:.2f} ms "
+          f"({sb['speedup']:.2f}x slower than compact)")
+    print(f"  exports: {res['exports']['torch']}, {res['exports']['onnx']} (max |masked - "
+          f"compact| {res['export_max_abs_diff']:.1e}, onnxruntime {res['onnx_max_abs_diff']:.1e})")
+    print(f"  pictures: {', '.join(res['pictures'])}")
+    t = res["seconds"]
+    print(f"  time: train {t['train']} s, minimize {t['minimize']} s, total {t['total']} s")
+    return 0
+
+
+def _strategy_check(name: str) -> None:
+    from selfscale.minimize.proposal import make_strategy
+
+    make_strategy(name)
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:

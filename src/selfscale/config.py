@@ -276,3 +276,65 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+
+
+MODES = ("disabled-frozen", "disabled", "others-frozen")
+REFERENCES = ("base", "previous")
+SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
+
+
+@dataclass
+class MinimizeConfig:
+    """The minimization process (thesis 2.4.2): what is tried, how long, and what counts as ok."""
+
+    strategy: str = "l1"
+    """--strategy: selection strategy (see `selfscale minimize --help` for the list)."""
+    threshold: float = 0.95
+    """--threshold: keep a change if score_new >= threshold × reference (thesis: 0.85–1.00)."""
+    retrain_steps: int = 2000
+    """--retrain-steps: training steps after every alteration (thesis: 2000)."""
+    base_steps: int | None = None
+    """--base-steps: first train the run up to this many steps (default: use it as it is)."""
+    mode: str = "disabled-frozen"
+    """--mode: how a mask's worth is tested (thesis 2.4.1); only disabled-frozen removes masks."""
+    reference: str = "base"
+    """--reference: base (the base network's score) or previous (the last kept score, thesis)."""
+    layers: bool = True
+    """--layers/--no-layers: after the masks, try removing whole hidden layers."""
+    max_steps: int | None = None
+    """--max-steps: at most this many minimization steps (decisions) in total."""
+    metric: str = "f1"
+    """--metric: the eval score compared against the threshold (f1, uiqi, mae or mse)."""
+    patience: int = 2
+    """--patience: ranked strategies stop after this many consecutive step-backs (thesis: 2)."""
+    random_steps: int = 10
+    """--random-steps: the random strategy stops after this many steps (thesis: 10)."""
+    oracle_steps: int = 200
+    """--oracle-steps: short retrain the oracle strategy uses to try each mask."""
+    reinit: bool = False
+    """--reinit: in modes disabled / others-frozen, redraw the tested mask instead of zeroing it."""
+    seed: int = 0
+    """--seed: seed of the minimization's own random choices (random strategy, re-inits)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1,
+               "--threshold", self.threshold, "must be in (0, 1]")
+        _check(isinstance(self.retrain_steps, int) and self.retrain_steps >= 1, "--retrain-steps",
+               self.retrain_steps, "must be a positive integer")
+        if self.base_steps is not None:
+            _check(isinstance(self.base_steps, int) and self.base_steps >= 0, "--base-steps",
+                   self.base_steps, "must be a non-negative integer")
+        _check(self.mode in MODES, "--mode", self.mode, f"must be one of {', '.join(MODES)}")
+        _check(self.reference in REFERENCES, "--reference", self.reference,
+               f"must be one of {', '.join(REFERENCES)}")
+        if self.max_steps is not None:
+            _check(isinstance(self.max_steps, int) and self.max_steps >= 0, "--max-steps",
+                   self.max_steps, "must be a non-negative integer")
+        _check(self.metric in SCORE_METRICS, "--metric", self.metric,
+               f"must be one of {', '.join(SCORE_METRICS)}")
+        _check(isinstance(self.seed, int) and self.seed >= 0, "--seed", self.seed,
+               "must be a non-negative integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}

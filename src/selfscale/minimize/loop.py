@@ -1,0 +1,375 @@
+"""The minimization process of thesis 2.4.2 (Fig 2.2), one decision at a time:
+
+    base network → evaluate, snapshot → select → alter → retrain → evaluate →
+    keep (new snapshot) or step back (to the snapshot) → select again … → stop
+
+Masks are minimized first (by the chosen strategy, until it says stop), then whole hidden layers
+are tried (fewest active masks first). The loop's whole state is one :class:`Minimization`, saved
+after every decision, so a killed minimization resumes and ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfscale.config import MinimizeConfig
+from selfscale.data import ImageSet, center_crops
+from selfscale.metrics import LOSSES, METRICS
+from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, prunable_masks,
+                                      remove_hidden_layer, removable_layers, unfreeze_others)
+from selfscale.minimize.proposal import (Candidate, SelectionContext, Strategy, StrategyOptions,
+                                         make_strategy)
+from selfscale.model import FCN, active_macs_per_pixel, active_parameter_count
+from selfscale.train import TrainState, as_input, evaluate, train
+
+PHASES = ("masks", "layers", "done")
+
+
+@dataclass
+class TrainEnv:
+    """What retraining and evaluating need: data, device and the run's training settings."""
+
+    train_set: ImageSet
+    eval_set: ImageSet
+    device: torch.device
+    loss: str
+    batch: int
+    train_crop: int
+    eval_crop: int
+    flips: bool
+    init_std: float
+
+
+@dataclass
+class Minimization:
+    """The minimization's whole state (its checkpoint)."""
+
+    config: MinimizeConfig
+    current: TrainState
+    """The last accepted network: the snapshot a failed change steps back to."""
+    origin: list[list[int]]
+    """For each current layer: [original layer index, original mask indices …]."""
+    orig_widths: list[int]
+    base_scores: dict[str, float]
+    reference: float
+    rng: np.random.Generator
+    step: int = 0
+    phase: str = "masks"
+    failed: list[Candidate] = field(default_factory=list)
+    tested: list[tuple[int, int]] = field(default_factory=list)
+    tried_layers: list[int] = field(default_factory=list)
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    steps_trained: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "current": self.current.to_dict(),
+            "origin": self.origin,
+            "orig_widths": self.orig_widths,
+            "base_scores": self.base_scores,
+            "reference": self.reference,
+            "rng": self.rng.bit_generator.state,
+            "step": self.step,
+            "phase": self.phase,
+            "failed": [[c.kind, c.layer, -1 if c.mask is None else c.mask] for c in self.failed],
+            "tested": [list(t) for t in self.tested],
+            "tried_layers": self.tried_layers,
+            "strategy_state": self.strategy_state,
+            "log": self.log,
+            "steps_trained": self.steps_trained,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], device: torch.device) -> Minimization:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = raw["rng"]
+        return cls(
+            config=MinimizeConfig(**raw["config"]),
+            current=TrainState.from_dict(raw["current"], device),
+            origin=[list(o) for o in raw["origin"]],
+            orig_widths=list(raw["orig_widths"]),
+            base_scores=dict(raw["base_scores"]),
+            reference=float(raw["reference"]),
+            rng=rng,
+            step=int(raw["step"]),
+            phase=str(raw["phase"]),
+            failed=[Candidate(k, int(layer), None if m < 0 else int(m))
+                    for k, layer, m in raw["failed"]],
+            tested=[(int(a), int(b)) for a, b in raw["tested"]],
+            tried_layers=[int(x) for x in raw["tried_layers"]],
+            strategy_state=dict(raw["strategy_state"]),
+            log=list(raw["log"]),
+            steps_trained=int(raw["steps_trained"]),
+            seconds=float(raw.get("seconds", 0.0)),
+        )
+
+
+def clone_state(state: TrainState) -> TrainState:
+    """An independent copy: weights, switches, optimizer, generators, step and history."""
+    device = next(state.model.parameters()).device
+    return TrainState.from_dict(copy.deepcopy(state.to_dict()), device)
+
+
+def ratio(score: float, reference: float, metric: str) -> float:
+    """How the new score compares with the reference: new/ref for scores where higher is better,
+    ref/new for errors (MAE, MSE); 1.0 when both are 0."""
+    higher = METRICS[metric].higher_is_better
+    num, den = (score, reference) if higher else (reference, score)
+    if den == 0:
+        return 1.0 if num == 0 else float("inf")
+    return num / den
+
+
+def start(base: TrainState, config: MinimizeConfig, env: TrainEnv) -> Minimization:
+    """Evaluate the base network and take the first snapshot."""
+    scores = evaluate(base.model, env.eval_set, env.eval_crop, env.device)
+    scores.pop("n_images")
+    current = clone_state(base)
+    current.reset_optimizer()
+    widths = list(base.model.widths)
+    return Minimization(
+        config=config, current=current,
+        origin=[[i, *range(w)] for i, w in enumerate(widths)],
+        orig_widths=widths, base_scores=scores, reference=scores[config.metric],
+        rng=np.random.default_rng([config.seed, 2]),
+    )
+
+
+def retrain(state: TrainState, steps: int, env: TrainEnv) -> dict[str, Any]:
+    """Train ``steps`` steps from the state's current step; returns the closing evaluation."""
+    train(state, env.train_set, env.eval_set, until_step=state.step + steps, loss=env.loss,
+          batch=env.batch, train_crop=env.train_crop, eval_crop=env.eval_crop, flips=env.flips,
+          eval_every=steps, device=env.device)
+    return state.history[-1]
+
+
+def eval_batches(env: TrainEnv) -> Iterator[tuple[Tensor, Tensor]]:
+    for start_ in range(0, len(env.eval_set), 8):
+        chunk = ImageSet(env.eval_set.names[start_:start_ + 8],
+                         env.eval_set.inputs[start_:start_ + 8],
+                         env.eval_set.targets[start_:start_ + 8])
+        x, y = center_crops(chunk, env.eval_crop)
+        yield as_input(x, env.device), as_input(y, env.device)
+
+
+@dataclass
+class LoopHooks:
+    on_decision: Callable[[Minimization, dict[str, Any]], None] | None = None
+    on_save: Callable[[Minimization], None] | None = None
+
+
+def minimize(m: Minimization, env: TrainEnv, hooks: LoopHooks | None = None) -> Minimization:
+    """Run the minimization to its end (strategy stop, no layer left, or --max-steps)."""
+    hooks = hooks or LoopHooks()
+    cfg = m.config
+    strategy = make_strategy(cfg.strategy, StrategyOptions(
+        patience=cfg.patience, max_steps=cfg.random_steps, oracle_steps=cfg.oracle_steps))
+    if m.strategy_state:  # a resumed minimization: the strategy continues where it was
+        strategy.load_state_dict(copy.deepcopy(m.strategy_state))
+    while m.phase != "done":
+        t0 = time.perf_counter()
+        if cfg.max_steps is not None and m.step >= cfg.max_steps:
+            m.phase = "done"
+            break
+        # 1. select
+        cand = select(m, strategy, env)
+        if cand is None:  # the phase is over: masks → layers → done
+            m.phase = "layers" if (m.phase == "masks" and cfg.layers) else "done"
+            m.failed = []
+            _save(m, hooks)
+            continue
+        # 2. alter a copy of the snapshot, with a fresh optimizer (thesis 2.4)
+        trial = alter(m, cand, env)
+        # 3. retrain and 4. evaluate
+        record = retrain(trial, cfg.retrain_steps, env)
+        score = record[cfg.metric]
+        # 5. keep the change or step back to the snapshot
+        r = ratio(score, m.reference, cfg.metric)
+        kept = r >= cfg.threshold
+        reference_before = m.reference
+        if kept:
+            accept(m, trial, cand)
+            if cfg.reference == "previous":
+                m.reference = score
+        else:
+            step_back(m, cand)
+        strategy.update(cand, kept)
+        m.strategy_state = copy.deepcopy(strategy.state_dict())
+        m.step += 1
+        m.steps_trained += cfg.retrain_steps
+        elapsed = time.perf_counter() - t0
+        m.seconds += elapsed
+        entry = decision_record(m, cand, record, reference_before, r, kept, elapsed)
+        m.log.append(entry)
+        if hooks.on_decision:
+            hooks.on_decision(m, entry)
+        _save(m, hooks)
+    _save(m, hooks)
+    return m
+
+
+def select(m: Minimization, strategy: Strategy, env: TrainEnv) -> Candidate | None:
+    """The next candidate of the current phase, or None when the phase is over."""
+    model = m.current.model
+    if m.phase == "masks":
+        prunable = [p for p in prunable_masks(model) if p not in m.tested]
+        if not prunable:
+            return None
+        loss_fn = LOSSES[env.loss]
+        ctx = SelectionContext(
+            model=model, prunable=prunable, failed=set(m.failed), step=m.step, rng=m.rng,
+            batches=lambda: eval_batches(env), loss_fn=loss_fn,
+            trial=lambda c: _oracle_trial(m, c, env))
+        cand = strategy.propose(ctx)
+        if cand is not None and (cand in m.failed or (cand.layer, cand.mask) not in prunable):
+            raise RuntimeError(f"strategy {strategy.name} proposed an invalid candidate {cand}")
+        return cand
+    if m.phase == "layers":
+        if len(model.layers) < 2:
+            return None
+        for layer in removable_layers(model):
+            if m.origin[layer][0] not in m.tried_layers:
+                return Candidate("layer", layer)
+    return None
+
+
+def alter(m: Minimization, cand: Candidate, env: TrainEnv) -> TrainState:
+    """A copy of the snapshot with the candidate applied and a fresh optimizer."""
+    trial = clone_state(m.current)
+    if cand.kind == "layer":
+        return remove_hidden_layer(trial, cand.layer, env.init_std)
+    apply_mask_candidate(trial, cand, m.config.mode, reinit=m.config.reinit, std=env.init_std)
+    trial.reset_optimizer()
+    return trial
+
+
+def accept(m: Minimization, trial: TrainState, cand: Candidate) -> None:
+    """Keep the change: the trial becomes the snapshot."""
+    if cand.kind == "layer":
+        compacted = [[o[0], *[o[1 + k] for k, on in enumerate(layer.enabled.tolist()) if on]]
+                     for o, layer in zip(m.origin, m.current.model.layers)]
+        m.tried_layers.append(m.origin[cand.layer][0])
+        m.origin = [o for i, o in enumerate(compacted) if i != cand.layer]
+    elif m.config.mode != REMOVING_MODE:
+        unfreeze_others(trial.model, cand)
+        m.tested.append((cand.layer, cand.mask))
+    trial.reset_optimizer()
+    m.current = trial
+    m.failed = []
+
+
+def step_back(m: Minimization, cand: Candidate) -> None:
+    """Discard the trial: the snapshot stays, its optimizer is reset (thesis 2.4)."""
+    if cand.kind == "layer":
+        m.tried_layers.append(m.origin[cand.layer][0])
+    elif m.config.mode != REMOVING_MODE:
+        m.tested.append((cand.layer, cand.mask))
+    m.failed.append(cand)
+    m.current.reset_optimizer()
+
+
+def _oracle_trial(m: Minimization, cand: Candidate, env: TrainEnv) -> float:
+    """Score (higher is better) of the snapshot with ``cand`` applied and a short retrain; the
+    snapshot itself is not touched."""
+    trial = alter(m, cand, env)
+    steps = m.config.oracle_steps
+    if steps == 0:
+        score = evaluate(trial.model, env.eval_set, env.eval_crop, env.device)[m.config.metric]
+    else:
+        m.steps_trained += steps
+        score = retrain(trial, steps, env)[m.config.metric]
+    return score if METRICS[m.config.metric].higher_is_better else -score
+
+
+def original_id(m: Minimization, cand: Candidate) -> tuple[int, int | None]:
+    """(original layer, original mask) of a candidate in the current network."""
+    o = m.origin[cand.layer]
+    return o[0], None if cand.mask is None else o[1 + cand.mask]
+
+
+def decision_record(m: Minimization, cand: Candidate, record: dict[str, Any], reference: float,
+                    r: float, kept: bool, seconds: float) -> dict[str, Any]:
+    # origin is already updated for a kept layer removal; the log names original indices
+    orig_layer = cand.layer if cand.kind == "mask" else None
+    if cand.kind == "mask":
+        layer, mask = m.origin[cand.layer][0], m.origin[cand.layer][1 + cand.mask]
+    else:
+        layer, mask = m.tried_layers[-1], None
+    del orig_layer
+    return {
+        "step": m.step,
+        "phase": "layers" if cand.kind == "layer" else "masks",
+        "strategy": m.config.strategy if cand.kind == "mask" else "layer-sweep",
+        "tried": (f"layer {layer + 1}" if mask is None else f"layer {layer + 1} mask {mask + 1}"),
+        "layer": layer + 1,
+        "mask": None if mask is None else mask + 1,
+        "metric": m.config.metric,
+        "reference": reference,
+        "score": record[m.config.metric],
+        "ratio": r,
+        "threshold": m.config.threshold,
+        "kept": kept,
+        "steps_trained": m.config.retrain_steps,
+        "active": list(m.current.model.active_widths()),
+        "f1": record["f1"], "mae": record["mae"], "mse": record["mse"], "uiqi": record["uiqi"],
+        "seconds": round(seconds, 3),
+    }
+
+
+def _save(m: Minimization, hooks: LoopHooks) -> None:
+    if hooks.on_save:
+        hooks.on_save(m)
+
+
+def mask_matrix(m: Minimization) -> list[list[bool]]:
+    """The thesis's one-hot matrix over the ORIGINAL network: True where a mask remains."""
+    matrix = [[False] * w for w in m.orig_widths]
+    for o, layer in zip(m.origin, m.current.model.layers):
+        for k, on in enumerate(layer.enabled.tolist()):
+            if on:
+                matrix[o[0]][o[1 + k]] = True
+    return matrix
+
+
+def summary(m: Minimization, final_scores: dict[str, float]) -> dict[str, Any]:
+    """Before/after: masks and layers, parameters, MACs per pixel, scores, effort."""
+    from selfscale.model import macs_per_pixel, parameter_count
+
+    model: FCN = m.current.model
+    kernel, cin = model.kernel, model.in_channels
+    return {
+        "strategy": m.config.strategy,
+        "threshold": m.config.threshold,
+        "mode": m.config.mode,
+        "reference": m.config.reference,
+        "metric": m.config.metric,
+        "widths_before": m.orig_widths,
+        "widths_after": list(model.active_widths()),
+        "layers_before": len(m.orig_widths),
+        "layers_after": len(model.widths),
+        "masks_before": sum(m.orig_widths[:-1]),
+        "masks_after": sum(model.active_widths()[:-1]),
+        "parameters_before": parameter_count(m.orig_widths, kernel, cin),
+        "parameters_after": active_parameter_count(model),
+        "macs_per_pixel_before": macs_per_pixel(m.orig_widths, kernel, cin),
+        "macs_per_pixel_after": active_macs_per_pixel(model),
+        "scores_before": m.base_scores,
+        "scores_after": final_scores,
+        "decisions": m.step,
+        "kept": sum(1 for d in m.log if d["kept"]),
+        "steps_trained": m.steps_trained,
+        "seconds": round(m.seconds, 2),
+        "mask_matrix": mask_matrix(m),
+    }
