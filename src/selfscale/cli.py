@@ -163,7 +163,8 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from selfscale.run import default_run_dir, load_run, start_run, train_run
+    from selfscale.run import (check_new_run_dir, default_run_dir, load_run, prepare_data,
+                               start_run, train_run)
 
     if args.resume:
         if args.out is None:
@@ -182,12 +183,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             run.meta["threads"] = args.threads
     else:
         config = config_from_args(args)
-        run = start_run(config, args.out or default_run_dir(config.task.name))
+        out = args.out or default_run_dir(config.task.name)
+        check_new_run_dir(out)
+        data = prepare_data(config, progress=not args.quiet)  # bad data fails before any file
+        run = start_run(config, out)
+    data = data if not args.resume else prepare_data(run.config, progress=not args.quiet)
     progress, hooks = _train_progress(run.config.train.steps, quiet=args.quiet,
                                       start=run.state.step)
     t0 = time.perf_counter()
     try:
-        train_run(run, progress=not args.quiet, hooks=hooks)
+        train_run(run, progress=not args.quiet, hooks=hooks, datasets=data)
     finally:
         progress.close()
     _print_train_summary(run, time.perf_counter() - t0)
@@ -528,10 +533,12 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     from selfscale.config import MinimizeConfig
     from selfscale.minimize.proposal import StrategyOptions, make_strategy
     from selfscale.minimize.session import minimize_run
+    from selfscale.run import require_run_dir
 
     config = MinimizeConfig(**{k: getattr(args, k) for k in MINIMIZE_FLAGS})
     make_strategy(config.strategy, StrategyOptions(config.patience, config.random_steps,
                                                    config.oracle_steps))  # validate early
+    require_run_dir(args.run_dir)
     hooks = None
     bar = None
     if config.base_steps is not None and not args.quiet:

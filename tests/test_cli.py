@@ -1,0 +1,138 @@
+"""End to end through the command line on tiny crops in tmp_path, and one-line user errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfscale.cli import main
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-imgs")
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        img = np.zeros((36, 40), np.uint8)
+        y, x = rng.integers(2, 16, size=2)
+        img[y:y + 14, x:x + 16] = 220
+        Image.fromarray(img).save(root / f"im{i}.png")
+    return root
+
+
+TRAIN = ["--task", "sobel", "--crop", "24", "--batch", "2", "--widths", "3,3,1", "--kernel", "3",
+         "--init-std", "0.1", "--lr", "0.003", "--eval-every", "10", "--threads", "1", "--quiet"]
+
+
+def test_train_evaluate_predict_info_minimize_export(images, tmp_path, capsys):
+    """The whole CLI story writes the expected files and prints parseable results."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), "--steps", "20", "--out", str(run), *TRAIN]) == 0
+    for name in ("config.toml", "run.json", "state.pt", "state.pt.sha256", "history.csv"):
+        assert (run / name).is_file(), name
+    assert "[train]" in (run / "config.toml").read_text()
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) >= {"f1", "mae", "mse", "uiqi", "n_images"} and scores["n_images"] == 1
+
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(images), "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 5
+    arr = np.asarray(Image.open(pngs[0]))
+    assert arr.shape == (36, 40) and arr.dtype == np.uint8
+    # never overwritten silently
+    assert main(["predict", str(run), str(images), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 20 and info["architecture"]["parameters"] == 3 * 9 + 3 + 27 * 3 + 3 + 28
+    assert main(["info", str(run)]) == 0
+    assert "layer 1  3/3 active" in capsys.readouterr().out
+
+    # resume extends the run to 30 steps
+    assert main(["train", "--out", str(run), "--resume", "--steps", "30", "--quiet"]) == 0
+    assert "steps: 30" in capsys.readouterr().out
+
+    assert main(["minimize", str(run), "--strategy", "seq", "--threshold", "0.5",
+                 "--retrain-steps", "5", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "masks per layer  3/3/1 ->" in text
+    assert (run / "minimize" / "summary.json").is_file()
+    assert main(["info", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stage"] == "minimized"
+
+    for fmt, ext in (("torch", "pt"), ("onnx", "onnx")):
+        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / f"m.{ext}"),
+                     "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["max_abs_diff"] <= 1e-5
+    assert main(["predict", str(tmp_path / "m.pt"), str(images / "im0.png"),
+                 "--out", str(tmp_path / "pred2")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pred2/im0.png")).shape, (36, 40))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--task", "nope"], "invalid choice"),
+    (["train", "--crop", "-3"], "--crop"),
+    (["train", "--widths", "5,x,1"], "--widths"),
+    (["train", "--widths", "5,5,2"], "--widths"),
+    (["train", "--lr", "0"], "--lr"),
+    (["train", "--data", "/does/not/exist", "--steps", "1"], "/does/not/exist"),
+    (["train", "--task-param", "sigma"], "--task-param"),
+    (["train", "--config", "/no/such.toml"], "--config"),
+    (["evaluate", "/no/run"], "run directory not found"),
+    (["minimize", "/no/run"], "run directory not found"),
+    (["minimize", "/tmp", "--threshold", "1.5"], "--threshold"),
+    (["minimize", "/tmp", "--strategy", "magic"], "--strategy"),
+    (["train", "--resume"], "--resume"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(argv, needle, tmp_path, capsys, monkeypatch):
+    """Bad flags, missing files and unknown names: one line on stderr, exit 2, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_checkpoint_is_reported(images, tmp_path, capsys):
+    """A flipped byte in state.pt → 'checkpoint is corrupt', exit 2."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), "--steps", "2", "--out", str(run), *TRAIN]) == 0
+    data = bytearray((run / "state.pt").read_bytes())
+    data[100] ^= 0xFF
+    (run / "state.pt").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 2
+    assert "checkpoint is corrupt" in capsys.readouterr().err
+
+
+def test_existing_run_directory_is_never_overwritten(images, tmp_path, capsys):
+    """train --out into a non-empty directory refuses and leaves the files alone."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mine.txt").write_text("keep me")
+    assert main(["train", "--data", str(images), "--steps", "2", "--out", str(run), *TRAIN]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "mine.txt").read_text() == "keep me"
+
+
+def test_config_file_is_used_and_flags_override_it(images, tmp_path, capsys):
+    """--config TOML values apply; a flag given on the command line wins."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[data]\ndata = "{images}"\ncrop = 24\n[train]\nsteps = 4\nlr = 0.002\n')
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--steps", "3", "--out", str(run), *TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 3 and info["config"]["train"]["lr"] == 0.003  # TRAIN's --lr wins

@@ -1,0 +1,269 @@
+"""The minimization loop: keep / step-back rule, phases, optimizer reset, frozen masks, layer
+removal, exact resume of a killed minimization, result files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfscale.checkpoint import load_state
+from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig, TaskConfig,
+                              TrainConfig)
+from selfscale.errors import ConfigError
+from selfscale.minimize import loop
+from selfscale.minimize.alter import prunable_masks, remove_hidden_layer
+from selfscale.minimize.loop import Minimization, minimize, ratio, start
+from selfscale.minimize.session import load_network, minimize_run
+from selfscale.run import start_run, train_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small sobel run (widths 3,3,1; kernel 3) trained 200 steps on six synthetic images."""
+    root = tmp_path_factory.mktemp("mini")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        img = np.zeros((40, 44), np.float32)
+        y, x = rng.integers(3, 20, size=2)
+        img[y:y + 15, x:x + 17] = 0.9
+        Image.fromarray((img * 255).astype(np.uint8)).save(imgs / f"im{i}.png")
+    cfg = RunConfig(
+        data=DataConfig(data=imgs, crop=32, batch=2, eval_fraction=0.34, cache_dir=root / "c"),
+        task=TaskConfig(name="sobel"),
+        model=ModelConfig(widths=(3, 3, 1), kernel=3, init_std=0.1),
+        train=TrainConfig(steps=200, eval_every=100, lr=0.003, seed=0, device="cpu", threads=1))
+    run = train_run(start_run(cfg, root / "base"))
+    return run, root
+
+
+def _env(run):
+    from selfscale.minimize.session import train_env
+
+    return train_env(run)
+
+
+def _scripted(monkeypatch, scores):
+    """Replace retraining by a scripted sequence of F1 scores; record what each trial saw."""
+    seen = []
+    it = iter(scores)
+
+    def fake_retrain(state, steps, env):
+        seen.append({"adam_state": len(state.optimizer.state),
+                     "active": state.model.active_widths(),
+                     "widths": state.model.widths})
+        state.step += steps
+        f1 = next(it)
+        state.history.append({"step": state.step, "f1": f1, "mae": 0.1, "mse": 0.01,
+                              "uiqi": 0.5, "loss": 0.1})
+        return state.history[-1]
+
+    monkeypatch.setattr(loop, "retrain", fake_retrain)
+    return seen
+
+
+def test_ratio_rule():
+    """new/ref for F1 and UIQI, ref/new for errors; both zero is a tie."""
+    assert ratio(0.9, 1.0, "f1") == pytest.approx(0.9)
+    assert ratio(0.2, 0.1, "mae") == pytest.approx(0.5)
+    assert ratio(0.0, 0.0, "mse") == 1.0
+
+
+def test_keep_and_step_back_by_threshold(trained, monkeypatch):
+    """seq with scripted score ratios: kept iff ratio >= 0.95; every trial has a fresh Adam."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95, layers=False), env)
+    base = m.reference
+    # seq visits (0,0) (0,1) (0,2) (1,0) (1,1) (1,2); scores relative to the base score
+    seen = _scripted(monkeypatch, [base * r for r in (0.99, 0.5, 0.97, 0.94, 0.96, 0.2)])
+    minimize(m, env)
+    kept = [d["kept"] for d in m.log]
+    assert kept == [True, False, True, False, True, False]
+    tried = [d["tried"] for d in m.log]
+    assert tried == ["layer 1 mask 1", "layer 1 mask 2", "layer 1 mask 3", "layer 2 mask 1",
+                     "layer 2 mask 2", "layer 2 mask 3"]
+    assert m.current.model.active_widths() == (1, 2, 1)
+    assert all(s["adam_state"] == 0 for s in seen), "every trial starts with a fresh Adam"
+    assert m.current.model.enabled_masks()[0][0] is False
+    assert m.phase == "done"
+
+
+def test_seq_never_disables_the_last_mask_of_a_layer(trained, monkeypatch):
+    """With every change accepted, seq leaves exactly one mask per hidden layer."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False), env)
+    _scripted(monkeypatch, [m.reference] * 10)
+    minimize(m, env)
+    assert m.current.model.active_widths() == (1, 1, 1)
+    assert len(m.log) == 4  # 2 per hidden layer; the output layer is never touched
+    assert prunable_masks(m.current.model) == []
+
+
+def test_cosmax_stops_after_two_consecutive_failures(trained, monkeypatch):
+    """Thesis 4.3: cosmax tries the 1st, then the 2nd ranked, and stops after two failures."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="cosmax", threshold=0.95, layers=False), env)
+    _scripted(monkeypatch, [m.reference * r for r in (1.0, 0.1, 0.1, 1.0)])
+    minimize(m, env)
+    assert [d["kept"] for d in m.log] == [True, False, False]
+    assert m.log[1]["tried"] != m.log[2]["tried"]
+
+
+def test_random_stops_after_its_step_budget(trained, monkeypatch):
+    """random stops after --random-steps decisions whatever the outcome."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="random", threshold=0.95, layers=False,
+                                        random_steps=3), env)
+    _scripted(monkeypatch, [m.reference * 0.1] * 10)
+    minimize(m, env)
+    assert len(m.log) == 3 and not any(d["kept"] for d in m.log)
+    assert m.current.model.active_widths() == (3, 3, 1)
+
+
+def test_max_steps_budget(trained, monkeypatch):
+    """--max-steps caps the decisions of every phase together."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, max_steps=2), env)
+    _scripted(monkeypatch, [m.reference] * 10)
+    minimize(m, env)
+    assert len(m.log) == 2
+
+
+def test_reference_previous_compounds_and_base_does_not(trained, monkeypatch):
+    """With 'previous' each kept score becomes the reference (thesis); with 'base' it stays."""
+    run, _ = trained
+    env = _env(run)
+    for reference, expect in (("previous", [True, True, True]), ("base", [True, False, False])):
+        m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95, layers=False,
+                                            reference=reference, max_steps=3), env)
+        base = m.reference
+        _scripted(monkeypatch, [base * 0.96, base * 0.96 * 0.96, base * 0.96 ** 3])
+        minimize(m, env)
+        assert [d["kept"] for d in m.log] == expect, reference
+
+
+def test_disabled_frozen_mask_stays_unchanged_while_others_train(trained):
+    """Real retraining of an altered copy: the disabled+frozen mask's weights do not move,
+    the other masks' do, and the snapshot itself is untouched."""
+    from selfscale.minimize.proposal import Candidate
+
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="seq", layers=False), env)
+    before = {k: v.clone() for k, v in m.current.model.state_dict().items()}
+    trial = loop.alter(m, Candidate("mask", 0, 0), env)
+    assert len(trial.optimizer.state) == 0
+    loop.retrain(trial, 20, env)
+    after = trial.model.state_dict()
+    assert trial.model.enabled_masks()[0][0] is False and trial.model.frozen_masks()[0][0]
+    assert torch.equal(after["layers.0.weight"][0], before["layers.0.weight"][0])
+    assert torch.equal(after["layers.0.bias"][0], before["layers.0.bias"][0])
+    assert not torch.equal(after["layers.2.weight"], before["layers.2.weight"])
+    for k, v in m.current.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_layer_removal_keeps_network_valid(trained):
+    """Removing hidden layer 2 of (3,3,1) gives (3,1) whose output layer takes 3 inputs."""
+    run, _ = trained
+    from selfscale.minimize.loop import clone_state
+
+    state = clone_state(run.state)
+    state.model.set_enabled(0, 1, False)
+    new = remove_hidden_layer(state, 1, 0.05)
+    assert new.model.widths == (2, 1)
+    assert new.model.layers[1].weight.shape == (1, 2, 3, 3)
+    # layer 1's kept masks are copied exactly
+    torch.testing.assert_close(new.model.layers[0].weight, run.state.model.layers[0].weight[[0, 2]])
+    assert new.model(torch.rand(1, 1, 9, 9)).shape == (1, 1, 9, 9)
+    assert len(new.optimizer.state) == 0
+
+
+def test_layer_phase_after_masks(trained, monkeypatch):
+    """After the strategy stops, hidden layers are tried, fewest active masks first."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95), env)
+    base = m.reference
+    # masks (seq): keep (0,0), fail four, keep (1,2) → active 2/2/1
+    # layers: tie at 2 masks → layer 1 first: kept → widths (2, 1); then layer 2: fails
+    seen = _scripted(monkeypatch, [base, 0.1, 0.1, 0.1, 0.1, base, base, 0.1])
+    minimize(m, env)
+    layer_rows = [d for d in m.log if d["phase"] == "layers"]
+    assert [d["tried"] for d in layer_rows][0] == "layer 1"
+    assert layer_rows[0]["kept"]
+    assert [d["tried"] for d in layer_rows] == ["layer 1", "layer 2"]
+    assert m.current.model.widths == (2, 1)
+    assert seen[-1]["widths"] == (1,)
+    matrix = loop.mask_matrix(m)
+    assert matrix == [[False, False, False], [True, True, False], [True]]
+
+
+def _min_config(**kw):
+    return MinimizeConfig(strategy="random", threshold=0.9, retrain_steps=15, random_steps=4,
+                          seed=3, **kw)
+
+
+def test_killed_minimization_resumes_exactly(trained, tmp_path):
+    """Kill during the 3rd decision's retrain, resume: same decisions, weights and matrix."""
+    run, root = trained
+    full = minimize_run(root / "base", _min_config(), out=tmp_path / "full")
+
+    calls = {"n": 0}
+    real_retrain = loop.retrain
+
+    def dying(state, steps, env):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_retrain(state, steps, env)
+
+    loop.retrain = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            minimize_run(root / "base", _min_config(), out=tmp_path / "part")
+    finally:
+        loop.retrain = real_retrain
+    assert len(json.loads("[" + ",".join((tmp_path / "part/minimize/decisions.jsonl")
+                                         .read_text().split("\n")[:-1]) + "]")) == 2
+    resumed = minimize_run(tmp_path / "part", _min_config(), resume=True)
+
+    def strip(log):
+        return [{k: v for k, v in d.items() if k != "seconds"} for d in log]
+
+    assert strip(resumed.minimization.log) == strip(full.minimization.log)
+    a = load_state(tmp_path / "full/minimize/final.pt")
+    b = load_state(tmp_path / "part/minimize/final.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed.summary["mask_matrix"] == full.summary["mask_matrix"]
+
+
+def test_results_files_and_stage_selection(trained, tmp_path):
+    """Results land in RUN/minimize; auto stage serves the minimized network, base stays."""
+    run, root = trained
+    res = minimize_run(root / "base", _min_config(), out=tmp_path / "m")
+    mdir = tmp_path / "m/minimize"
+    for name in ("state.pt", "final.pt", "decisions.csv", "decisions.jsonl", "summary.json",
+                 "masks.txt"):
+        assert (mdir / name).is_file(), name
+    summary = json.loads((mdir / "summary.json").read_text())
+    assert summary["widths_before"] == [3, 3, 1] and summary["decisions"] == len(res.minimization.log)
+    header = (mdir / "decisions.csv").read_text().splitlines()[0]
+    assert header.startswith("step,phase,strategy,tried")
+    _, model, stage = load_network(tmp_path / "m")
+    assert stage == "minimized"
+    assert list(model.active_widths()) == summary["widths_after"]
+    _, base, stage = load_network(tmp_path / "m", "base")
+    assert stage == "base" and base.active_widths() == (3, 3, 1)
+    with pytest.raises(ConfigError, match="already minimized"):
+        minimize_run(tmp_path / "m", _min_config())
+    assert not (root / "base/minimize").exists(), "--out leaves the source run untouched"
