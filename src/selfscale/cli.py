@@ -119,7 +119,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, metavar="N", help="training steps in total (default 10000)")
     g.add_argument("--eval-every", type=int, metavar="N",
                    help="evaluate on the whole eval set every N steps (default 500)")
-    g.add_argument("--loss", choices=["mae", "mse", "f1"], help="training loss (default mae)")
+    g.add_argument("--loss", choices=["mae", "mse", "f1"],
+                   help="training loss (default: mae for sobel and pairs, mse for the binary "
+                        "tasks canny and otsu)")
     g.add_argument("--lr", type=_positive_float, metavar="X", help="Adam learning rate (default 0.001)")
     g.add_argument("--seed", type=int, metavar="N", help="random seed (default 0)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"],

@@ -135,8 +135,9 @@ class TrainConfig:
     """--steps: training steps (one batch each) in total (thesis: 10 000)."""
     eval_every: int = 500
     """--eval-every: evaluate on the whole eval set every N steps (and at the end)."""
-    loss: str = "mae"
-    """--loss: mae, mse or f1 (soft F1 loss E/(2TP+E), thesis 2.3.1)."""
+    loss: str | None = None
+    """--loss: mae, mse or f1 (soft F1 loss E/(2TP+E), thesis 2.3.1); None means the task's
+    default (mae for continuous targets, mse for binary ones), fixed when the run starts."""
     lr: float = 1e-3
     """--lr: Adam learning rate."""
     seed: int = 0
@@ -155,7 +156,8 @@ class TrainConfig:
                "must be a non-negative integer")
         _check(isinstance(self.eval_every, int) and self.eval_every >= 1, "--eval-every",
                self.eval_every, "must be a positive integer")
-        _check(self.loss in LOSSES, "--loss", self.loss, f"must be one of {', '.join(LOSSES)}")
+        _check(self.loss is None or self.loss in LOSSES, "--loss", self.loss,
+               f"must be one of {', '.join(LOSSES)}")
         _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 10,
                "--lr", self.lr, "must be a positive number up to 10")
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "--seed", self.seed,

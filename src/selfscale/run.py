@@ -153,6 +153,8 @@ def start_run(config: RunConfig, out: Path) -> Run:
     threads = pin_threads(config.train.threads)
     task, params = resolved_task(config)
     config.task.params = params
+    if config.train.loss is None:
+        config.train.loss = task.default_loss
     device = resolve_device(config.train.device)
     model = build_model(config.model.widths, config.model.kernel, config.model.in_channels,
                         config.model.init_std, config.train.seed)

@@ -73,6 +73,17 @@ class Task:
     rules: Mapping[str, Rule] = field(default_factory=dict, compare=False)
     """Constraints checked by :func:`resolve_params`, keyed by parameter name."""
 
+    @property
+    def default_loss(self) -> str:
+        """The training loss used when --loss is not given.
+
+        Continuous targets (sobel, pairs): MAE. Sparse binary targets (canny: ~10 % edge pixels):
+        MAE's optimum is the median, 0, and the ReLU output dies (measured: F1 0.00 after 10 000
+        steps); the soft F1 loss rewards unbounded outputs (MSE 20 after 3 000 steps); MSE trains
+        stably (F1 0.51, MAE 0.13 after 3 000 steps on 128² crops). So binary tasks use MSE.
+        """
+        return "mse" if self.binary else "mae"
+
 
 TASKS: dict[str, Task] = {}
 
