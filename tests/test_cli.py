@@ -136,3 +136,17 @@ def test_config_file_is_used_and_flags_override_it(images, tmp_path, capsys):
     assert main(["info", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == 3 and info["config"]["train"]["lr"] == 0.003  # TRAIN's --lr wins
+
+
+def test_demo_runs_end_to_end_on_bundled_images(tmp_path, capsys):
+    """`selfscale demo` with tiny settings writes the run, exports and pictures."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "20", "--train-crop", "32",
+                 "--retrain-steps", "5", "--threads", "1", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "masks per layer  5/5/1 ->" in text and "onnxruntime" in text
+    for name in ("minimize/summary.json", "export/compact.pt", "export/compact.onnx",
+                 "preview.png", "masks_base.png", "masks_minimized.png"):
+        assert (out / name).is_file(), name
+    preview = Image.open(out / "preview.png")
+    assert preview.size[0] > 4 * 256 and preview.size[1] > 4 * 256

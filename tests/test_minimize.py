@@ -267,3 +267,31 @@ def test_results_files_and_stage_selection(trained, tmp_path):
     with pytest.raises(ConfigError, match="already minimized"):
         minimize_run(tmp_path / "m", _min_config())
     assert not (root / "base/minimize").exists(), "--out leaves the source run untouched"
+
+
+def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch):
+    """disabled / others-frozen reset the mask (zero) and let it relearn: masks are tested once,
+    none is removed, and others-frozen freezes every other mask during the retrain only."""
+    run, _ = trained
+    env = _env(run)
+    for mode in ("disabled", "others-frozen"):
+        m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False,
+                                            mode=mode), env)
+        frozen_seen = []
+
+        def fake(state, steps, env, frozen_seen=frozen_seen):
+            frozen_seen.append(sum(sum(f) for f in state.model.frozen_masks()))
+            zeroed = [bool((layer.weight.abs().sum(dim=(1, 2, 3)) == 0).any())
+                      for layer in state.model.layers]
+            assert any(zeroed), "the tested mask is reset to zero"
+            state.history.append({"step": state.step, "f1": m.reference, "mae": 0.1,
+                                  "mse": 0.01, "uiqi": 0.5, "loss": 0.1})
+            return state.history[-1]
+
+        monkeypatch.setattr(loop, "retrain", fake)
+        minimize(m, env)
+        assert len(m.log) == 6 and all(d["kept"] for d in m.log)
+        assert m.current.model.active_widths() == (3, 3, 1)
+        assert sum(sum(f) for f in m.current.model.frozen_masks()) == 0
+        total = 3 + 3 + 1
+        assert frozen_seen == ([0] * 6 if mode == "disabled" else [total - 1] * 6)

@@ -286,22 +286,16 @@ def _model_for_predict(source: Path, stage: str, device: str):
     """A run directory (base or minimized network) or a compact model file from `export`."""
     from selfscale.compact import load_compact
     from selfscale.minimize.session import load_network
-    from selfscale.train import resolve_device
+    from selfscale.train import resolve_device, to_device
 
     if source.is_file():
         if source.suffix == ".onnx":
             raise ConfigError(f"{source}: predict takes a run directory or a compact .pt file; "
                               "run ONNX models with onnxruntime")
         model = load_compact(source).to(resolve_device(device))
-        return model.to(memory_format=torch_channels_last()), f"compact model {source.name}"
+        return to_device(model, resolve_device(device)), f"compact model {source.name}"
     _, model, used = load_network(source, stage, device)
     return model, f"{used} network"
-
-
-def torch_channels_last():
-    import torch
-
-    return torch.channels_last
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -635,7 +629,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"selfscale demo: task {args.task}, run directory {res['run_dir']}")
     _print_minimize_summary(s)
     sp, sb = res["speed_masked_vs_compact"], res["speed_base_vs_compact"]
-    print(f"  inference on {len(s['mask_matrix'])}-layer eval batch: masked "
+    print(f"  inference on the {res['n_eval']} eval crops: masked "
           f"{sp['masked_s'] * 1e3:.2f} ms, compact {sp['compact_s'] * 1e3:.2f} ms "
           f"({sp['speedup']:.2f}x); full base network {sb['masked_s'] * 1e3:.2f} ms "
           f"({sb['speedup']:.2f}x slower than compact)")

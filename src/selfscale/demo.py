@@ -94,6 +94,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = False, train_hooks: TrainHooks
     mask_picture(min_model).save(out / "masks_minimized.png")
     return {
         "run_dir": str(out),
+        "n_eval": len(x_np),
         "summary": result.summary,
         "exports": {k: str(v.path) for k, v in exports.items()},
         "export_max_abs_diff": exports["torch"].max_abs_diff,

@@ -71,7 +71,7 @@ def apply_mask_candidate(state: TrainState, cand: Candidate, mode: str, *, reini
                     model.set_frozen(i, m, True)
 
 
-def unfreeze_others(model: FCN, cand: Candidate) -> None:
+def unfreeze_others(model: FCN) -> None:
     """After an others-frozen retrain: everything but disabled masks trains again."""
     for layer in model.layers:
         layer.frozen.copy_(~layer.enabled)

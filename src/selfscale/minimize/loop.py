@@ -263,7 +263,7 @@ def accept(m: Minimization, trial: TrainState, cand: Candidate) -> None:
         m.tried_layers.append(m.origin[cand.layer][0])
         m.origin = [o for i, o in enumerate(compacted) if i != cand.layer]
     elif m.config.mode != REMOVING_MODE:
-        unfreeze_others(trial.model, cand)
+        unfreeze_others(trial.model)
         m.tested.append((cand.layer, cand.mask))
     trial.reset_optimizer()
     m.current = trial
@@ -293,21 +293,13 @@ def _oracle_trial(m: Minimization, cand: Candidate, env: TrainEnv) -> float:
     return score if METRICS[m.config.metric].higher_is_better else -score
 
 
-def original_id(m: Minimization, cand: Candidate) -> tuple[int, int | None]:
-    """(original layer, original mask) of a candidate in the current network."""
-    o = m.origin[cand.layer]
-    return o[0], None if cand.mask is None else o[1 + cand.mask]
-
-
 def decision_record(m: Minimization, cand: Candidate, record: dict[str, Any], reference: float,
                     r: float, kept: bool, seconds: float) -> dict[str, Any]:
-    # origin is already updated for a kept layer removal; the log names original indices
-    orig_layer = cand.layer if cand.kind == "mask" else None
+    # the log names original indices; for a kept layer removal, origin is already updated
     if cand.kind == "mask":
         layer, mask = m.origin[cand.layer][0], m.origin[cand.layer][1 + cand.mask]
     else:
         layer, mask = m.tried_layers[-1], None
-    del orig_layer
     return {
         "step": m.step,
         "phase": "layers" if cand.kind == "layer" else "masks",
