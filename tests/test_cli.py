@@ -71,6 +71,9 @@ def test_train_evaluate_predict_info_minimize_export(images, tmp_path, capsys):
                      "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["max_abs_diff"] <= 1e-5
+        assert report["speed"]["masked_s"] > 0 and report["speed"]["compact_s"] > 0
+        assert report["params_after"] < report["params_before"] or \
+            report["widths_after"] == report["widths_before"]
     assert main(["predict", str(tmp_path / "m.pt"), str(images / "im0.png"),
                  "--out", str(tmp_path / "pred2")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "pred2/im0.png")).shape, (36, 40))
