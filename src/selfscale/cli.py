@@ -313,7 +313,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     params = ", ".join(f"{k}={v}" for k, v in info["task"]["params"].items())
     print(f"task       {info['task']['name']}" + (f" ({params})" if params else ""))
     print(f"network    {arch['layers']} layers, widths {arch['widths']}, kernel "
-          f"{arch['kernel']}×{arch['kernel']}, {arch['parameters']} parameters")
+          f"{arch['kernel']}×{arch['kernel']}, {arch['parameters']} parameters "
+          f"({arch['active_parameters']} in enabled masks)")
     for i, (en, fr) in enumerate(zip(arch["enabled"], arch["frozen"])):
         row = " ".join(("#" if e else ".") + ("*" if f else " ") for e, f in zip(en, fr))
         print(f"  layer {i + 1}  {sum(en)}/{len(en)} active   {row}")

@@ -27,7 +27,7 @@ from selfscale.checkpoint import atomic_write_text, load_state, remove_orphan_te
 from selfscale.config import RunConfig, dumps_toml
 from selfscale.data import Datasets, ImageSet, center_crops, load_datasets
 from selfscale.errors import CheckpointError, ConfigError
-from selfscale.model import build_model, parameter_count
+from selfscale.model import active_parameter_count, build_model, parameter_count
 from selfscale.tasks import get_task, resolve_params
 from selfscale.train import (TrainHooks, TrainState, as_input, best_record, new_state,
                              resolve_device, revive_dead_init, train)
@@ -233,6 +233,7 @@ def run_info(run: Run) -> dict[str, Any]:
             "enabled": model.enabled_masks(),
             "frozen": model.frozen_masks(),
             "parameters": parameter_count(model.widths, model.kernel, model.in_channels),
+            "active_parameters": active_parameter_count(model),
         },
         "step": run.state.step,
         "target_steps": run.config.train.steps,
