@@ -29,10 +29,14 @@ def trunc_normal_(tensor: Tensor, std: float, generator: torch.Generator | None 
     """Fill ``tensor`` in place from N(0, std²) truncated to [−2·std, 2·std] (thesis 2.3).
 
     Sampling by inverse CDF gives the same distribution as redrawing values outside the bounds.
+    Values are drawn on the CPU (``generator`` is a CPU generator) and copied to the tensor's
+    device, so a seed gives the same weights on every device.
     """
     with torch.no_grad():
-        return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-TRUNC_STDS * std,
-                                     b=TRUNC_STDS * std, generator=generator)
+        draw = torch.empty(tensor.shape, dtype=torch.float32)
+        nn.init.trunc_normal_(draw, mean=0.0, std=std, a=-TRUNC_STDS * std, b=TRUNC_STDS * std,
+                              generator=generator)
+        return tensor.copy_(draw)
 
 
 class MaskedConv2d(nn.Conv2d):
