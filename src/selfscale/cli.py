@@ -620,12 +620,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     def phase(text: str) -> None:
         if not args.quiet:
-            print(text, file=sys.stderr, flush=True)
+            bar.write(text, file=sys.stderr)
 
     bar, hooks = _train_progress(cfg.steps, quiet=args.quiet)
+
+    def on_phase(text: str) -> None:
+        if not text.startswith("1/"):  # training is over: the progress bar is done
+            bar.close()
+        phase(text)
+
     try:
         res = run_demo(cfg, train_hooks=hooks, on_decision=_decision_printer(args.quiet),
-                       on_phase=lambda t: (bar.close(), phase(t)))
+                       on_phase=on_phase)
     finally:
         bar.close()
     s = res["summary"]
