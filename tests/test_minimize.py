@@ -14,7 +14,7 @@ from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig
 from selfscale.errors import ConfigError
 from selfscale.minimize import loop
 from selfscale.minimize.alter import prunable_masks, remove_hidden_layer
-from selfscale.minimize.loop import Minimization, minimize, ratio, start
+from selfscale.minimize.loop import minimize, ratio, start
 from selfscale.minimize.session import load_network, minimize_run
 from selfscale.run import start_run, train_run
 
@@ -279,7 +279,7 @@ def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch
                                             mode=mode), env)
         frozen_seen = []
 
-        def fake(state, steps, env, frozen_seen=frozen_seen):
+        def fake(state, steps, env, frozen_seen=frozen_seen, m=m):
             frozen_seen.append(sum(sum(f) for f in state.model.frozen_masks()))
             zeroed = [bool((layer.weight.abs().sum(dim=(1, 2, 3)) == 0).any())
                       for layer in state.model.layers]
