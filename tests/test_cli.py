@@ -153,3 +153,22 @@ def test_demo_runs_end_to_end_on_bundled_images(tmp_path, capsys):
         assert (out / name).is_file(), name
     preview = Image.open(out / "preview.png")
     assert preview.size[0] > 4 * 256 and preview.size[1] > 4 * 256
+
+
+def test_a_runs_config_toml_reproduces_the_run(images, tmp_path, capsys):
+    """--config RUN/config.toml (canny: parameters that default to None included) gives a run
+    with the same config and, with the same seed and threads, the same weights."""
+    from selfscale.checkpoint import load_state
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--data", str(images), "--steps", "4", "--out", str(a),
+                 *[x if x != "sobel" else "canny" for x in TRAIN]]) == 0
+    assert main(["train", "--config", str(a / "config.toml"), "--out", str(b), "--quiet"]) == 0
+    capsys.readouterr()
+    infos = []
+    for run in (a, b):
+        assert main(["info", str(run), "--json"]) == 0
+        infos.append(json.loads(capsys.readouterr().out)["config"])
+    assert infos[0] == infos[1]
+    sa, sb = load_state(a / "state.pt"), load_state(b / "state.pt")
+    assert all(sa["model"][k].equal(sb["model"][k]) for k in sa["model"])

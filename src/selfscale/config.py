@@ -24,8 +24,11 @@ def _check(ok: bool, flag: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{flag}: {rule}, got {value!r}")
 
 
-def _path_or_none(value: Any) -> Path | None:
-    return None if value in (None, "") else Path(value)
+def _path_or_none(value: Any, flag: str) -> Path | None:
+    if value in (None, ""):
+        return None
+    _check(isinstance(value, (str, Path)), flag, value, "must be a path")
+    return Path(value)
 
 
 @dataclass
@@ -60,7 +63,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("data", "eval_data", "targets", "eval_targets", "cache_dir"):
-            setattr(self, name, _path_or_none(getattr(self, name)))
+            setattr(self, name, _path_or_none(getattr(self, name), "--" + name.replace("_", "-")))
+        _check(isinstance(self.flips, bool), "--flips", self.flips, "must be true or false")
         _check(isinstance(self.crop, int) and 8 <= self.crop <= 8192, "--crop", self.crop,
                "must be an integer between 8 and 8192")
         if self.train_crop is not None:
@@ -112,6 +116,8 @@ class ModelConfig:
     """--init-std: standard deviation of the truncated normal initialization (thesis: 0.05)."""
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.widths, (list, tuple)), "--widths", self.widths,
+               "must be a list of integers such as [5, 5, 1]")
         self.widths = tuple(self.widths)
         _check(len(self.widths) >= 1 and all(isinstance(w, int) and 1 <= w <= 4096
                                              for w in self.widths),
@@ -208,8 +214,6 @@ class RunConfig:
             if bad:
                 raise ConfigError(f"config: unknown key(s) {sorted(bad)} in [{name}]; "
                                   f"expected some of {sorted(known)}")
-            if name == "model" and "widths" in values:
-                values["widths"] = tuple(values["widths"])
             try:
                 built[name] = klass(**values)
             except TypeError as exc:  # pragma: no cover - defensive, dataclass signature errors
@@ -240,7 +244,8 @@ def dumps_toml(data: dict[str, Any]) -> str:
             lines.append("")
             lines.append(f"[{section}.{key}]")
             for k2, v2 in value.items():
-                lines.append(f"{_toml_key(k2)} = {_toml_value(v2)}")
+                if v2 is not None:  # TOML has no null: a missing key means the default
+                    lines.append(f"{_toml_key(k2)} = {_toml_value(v2)}")
         lines.append("")
     return "\n".join(lines)
 
