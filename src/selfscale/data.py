@@ -27,7 +27,7 @@ import secrets
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,15 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def __getitem__(self, index: slice) -> ImageSet:
+        """A sub-set by slice, e.g. ``images[:8]`` (the arrays are shared, not copied)."""
+        return ImageSet(self.names[index], self.inputs[index], self.targets[index])
+
+    def chunks(self, size: int) -> Iterator[ImageSet]:
+        """Consecutive sub-sets of at most ``size`` images."""
+        for start in range(0, len(self), size):
+            yield self[start:start + size]
 
 
 @dataclass

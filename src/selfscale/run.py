@@ -25,7 +25,7 @@ import torch
 from selfscale import __version__
 from selfscale.checkpoint import atomic_write_text, load_state, remove_orphan_temps, save_state
 from selfscale.config import RunConfig, dumps_toml
-from selfscale.data import Datasets, ImageSet, center_crops, load_datasets
+from selfscale.data import Datasets, center_crops, load_datasets
 from selfscale.errors import CheckpointError, ConfigError
 from selfscale.model import active_parameter_count, build_model, parameter_count
 from selfscale.tasks import get_task, resolve_params
@@ -112,14 +112,18 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> Run:
         config = RunConfig.from_dict(meta["config"])
     except ConfigError as exc:
         raise CheckpointError(f"run config in {path / META_FILE} is invalid: {exc}") from None
+    return Run(path, config, load_train_state(path / STATE_FILE, device), meta)
+
+
+def load_train_state(path: Path, device: str | torch.device = "cpu") -> TrainState:
+    """A TrainState from a state file; damage or a wrong layout → CheckpointError (one line)."""
     dev = resolve_device(device) if isinstance(device, str) else device
-    raw = load_state(path / STATE_FILE)
+    raw = load_state(path)
     try:
-        state = TrainState.from_dict(raw, dev)
+        return TrainState.from_dict(raw, dev)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint is corrupt: {path / STATE_FILE} "
+        raise CheckpointError(f"checkpoint is corrupt: {path} "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    return Run(path, config, state, meta)
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:
@@ -189,8 +193,7 @@ def train_run(run: Run, *, progress: bool = False, hooks: TrainHooks | None = No
     run.meta["config"] = cfg.to_dict()
     device = next(run.state.model.parameters()).device
     if run.state.step == 0 and "init_redraws" not in run.meta:
-        few = ImageSet(data.train.names[:8], data.train.inputs[:8], data.train.targets[:8])
-        probe, _ = center_crops(few, min(cfg.data.effective_train_crop, 64))
+        probe, _ = center_crops(data.train[:8], min(cfg.data.effective_train_crop, 64))
         run.meta["init_redraws"] = revive_dead_init(run.state, as_input(probe, device),
                                                     cfg.model.init_std)
     user_hooks = hooks or TrainHooks()

@@ -141,10 +141,7 @@ def predict_batches(model: FCN, images: ImageSet, crop: int | None,
                     device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     """Network output and target per chunk of eval images (centre crops, or whole images)."""
     model.eval()
-    for start in range(0, len(images), EVAL_BATCH):
-        chunk = ImageSet(images.names[start:start + EVAL_BATCH],
-                         images.inputs[start:start + EVAL_BATCH],
-                         images.targets[start:start + EVAL_BATCH])
+    for chunk in images.chunks(EVAL_BATCH):
         if crop is None:  # whole images, one at a time (sizes differ)
             for x_np, y_np in zip(chunk.inputs, chunk.targets):
                 x = as_input(np.array(x_np, dtype=np.float32)[None, None], device)

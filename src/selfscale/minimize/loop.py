@@ -28,7 +28,7 @@ from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, pruna
 from selfscale.minimize.proposal import (Candidate, SelectionContext, Strategy, StrategyOptions,
                                          make_strategy)
 from selfscale.model import FCN, active_macs_per_pixel, active_parameter_count
-from selfscale.train import TrainState, as_input, evaluate, train
+from selfscale.train import EVAL_BATCH, TrainState, as_input, evaluate, train
 
 PHASES = ("masks", "layers", "done")
 
@@ -156,10 +156,7 @@ def retrain(state: TrainState, steps: int, env: TrainEnv) -> dict[str, Any]:
 
 
 def eval_batches(env: TrainEnv) -> Iterator[tuple[Tensor, Tensor]]:
-    for start_ in range(0, len(env.eval_set), 8):
-        chunk = ImageSet(env.eval_set.names[start_:start_ + 8],
-                         env.eval_set.inputs[start_:start_ + 8],
-                         env.eval_set.targets[start_:start_ + 8])
+    for chunk in env.eval_set.chunks(EVAL_BATCH):
         x, y = center_crops(chunk, env.eval_crop)
         yield as_input(x, env.device), as_input(y, env.device)
 

@@ -30,8 +30,9 @@ from selfscale.minimize.loop import (LoopHooks, Minimization, TrainEnv, mask_mat
                                      start, summary)
 from selfscale.model import FCN
 from selfscale.run import (CONFIG_FILE, HISTORY_FILE, META_FILE, STATE_FILE, Run,
-                           check_new_run_dir, load_run, pin_threads, prepare_data, train_run)
-from selfscale.train import TrainHooks, TrainState, evaluate, resolve_device
+                           check_new_run_dir, load_run, load_train_state, pin_threads,
+                           prepare_data, train_run)
+from selfscale.train import TrainHooks, evaluate
 
 MIN_DIR = "minimize"
 LOOP_FILE = "state.pt"
@@ -158,13 +159,7 @@ def load_network(run_dir: Path, stage: str = "auto",
     if not has_minimized(run_dir):
         raise CheckpointError(f"--stage minimized: {run_dir} has not been minimized "
                               f"(run 'selfscale minimize {run_dir}' first)")
-    dev = resolve_device(device) if isinstance(device, str) else device
-    raw = load_state(Path(run_dir) / MIN_DIR / FINAL_FILE)
-    try:
-        state = TrainState.from_dict(raw, dev)
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint is corrupt: {run_dir}/{MIN_DIR}/{FINAL_FILE} "
-                              f"({type(exc).__name__})") from None
+    state = load_train_state(Path(run_dir) / MIN_DIR / FINAL_FILE, device)
     return run, state.model, "minimized"
 
 
