@@ -9,7 +9,7 @@ Evaluation uses the thesis's 256×256 centre crops of the four bundled eval imag
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_demo(cfg: DemoConfig, *, progress: bool = False, train_hooks: TrainHooks | None = None,

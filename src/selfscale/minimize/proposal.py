@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -87,7 +87,6 @@ class StrategyOptions:
     """random: stop after this many minimization steps (thesis 4.3: 10)."""
     oracle_steps: int = 200
     """oracle: length of the short retrain used to try each enabled mask."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.patience, int) and self.patience >= 1):
