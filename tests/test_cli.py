@@ -47,6 +47,10 @@ def test_train_evaluate_predict_info_minimize_export(images, tmp_path, capsys):
     # never overwritten silently
     assert main(["predict", str(run), str(images), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["predict", str(run), str(images), "--out", str(pngs[0])]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--crop", "500"]) == 2
+    assert "--crop: 500 does not fit" in capsys.readouterr().err
 
     assert main(["info", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -259,6 +259,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         images = load_eval_set(args.data, data_cfg, task, params, targets=args.targets)
     else:
         images = prepare_data(run.config).eval
+    if crop is not None:
+        too_small = [(n, x.shape) for n, x in zip(images.names, images.inputs)
+                     if min(x.shape) < crop]
+        if too_small:
+            name, (h, w) = too_small[0]
+            raise ConfigError(f"--crop: {crop} does not fit {len(too_small)} eval image(s), e.g. "
+                              f"{name} ({h}×{w}); use a smaller --crop or --full")
     device = next(model.parameters()).device
     scores = evaluate(model, images, crop, device)
     if args.json:

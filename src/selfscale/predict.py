@@ -65,6 +65,8 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path,
     replaced unless ``overwrite``. Unreadable images are skipped with one counted warning."""
     pairs = collect_inputs(inputs)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out: {out_dir} is a file; give a folder for the output images")
     if not overwrite:
         clash = [out_dir / rel for _, rel in pairs if (out_dir / rel).exists()]
         if clash:
