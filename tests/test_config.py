@@ -38,6 +38,8 @@ def test_run_config_round_trips_through_toml(tmp_path):
     ({"train": {"device": "tpu"}}, "--device"),
     ({"train": {"nope": 1}}, "unknown key"),
     ({"extra": {}}, "unknown section"),
+    ({"train": 5}, r"\[train\] must be a table"),
+    (5, "expected tables"),
 ])
 def test_bad_values_name_the_flag(raw, flag):
     """Each bad value raises ConfigError whose message names the flag (or the config key)."""

@@ -365,10 +365,10 @@ def _for_export(compact: FCN) -> FCN:
 
 
 def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise ConfigError(f"--out: {path} already exists; use --overwrite or another --out")
     if path.is_dir():
         raise ConfigError(f"--out: {path} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--out: {path} already exists; use --overwrite or another --out")
 
 
 # --- speed --------------------------------------------------------------------------------------

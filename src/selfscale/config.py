@@ -202,12 +202,16 @@ class RunConfig:
         """Build and validate from a dict such as a parsed config.toml; unknown keys are errors."""
         sections = {"data": DataConfig, "task": TaskConfig, "model": ModelConfig,
                     "train": TrainConfig}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: expected tables [data] [task] [model] [train], got {raw!r}")
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"config: unknown section(s) {sorted(unknown)}; "
                               f"expected {sorted(sections)}")
         built = {}
         for name, klass in sections.items():
+            if not isinstance(raw.get(name, {}), dict):
+                raise ConfigError(f"config: [{name}] must be a table, got {raw[name]!r}")
             values = dict(raw.get(name, {}))
             known = {f.name for f in dataclasses.fields(klass)}
             bad = set(values) - known
