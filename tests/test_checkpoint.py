@@ -120,3 +120,32 @@ def test_orphan_temp_files_are_removed(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"keep")
     assert remove_orphan_temps(tmp_path) == 1
     assert (tmp_path / "state.pt").read_bytes() == b"keep"
+
+
+def test_a_kill_between_the_two_writes_leaves_a_loadable_file(tmp_path, monkeypatch):
+    """Interrupt save_state after the checksum step and before the data is replaced, or
+    after the data and before the final checksum: the state loads (old or new) either way."""
+    import selfscale.checkpoint as ck
+
+    path = tmp_path / "s.pt"
+    save_state(path, {"v": torch.tensor(1.0)})
+    real = ck.atomic_write_bytes
+    monkeypatch.setattr(ck, "atomic_write_bytes", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_state(path, {"v": torch.tensor(2.0)})
+    assert float(load_state(path)["v"]) == 1.0
+    monkeypatch.setattr(ck, "atomic_write_bytes", real)
+    calls = {"n": 0}
+    real_text = ck.atomic_write_text
+
+    def die_on_second_checksum(p, text):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_text(p, text)
+
+    monkeypatch.setattr(ck, "atomic_write_text", die_on_second_checksum)
+    with pytest.raises(KeyboardInterrupt):
+        save_state(path, {"v": torch.tensor(3.0)})
+    assert float(load_state(path)["v"]) == 3.0

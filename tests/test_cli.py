@@ -176,3 +176,40 @@ def test_a_runs_config_toml_reproduces_the_run(images, tmp_path, capsys):
     assert infos[0] == infos[1]
     sa, sb = load_state(a / "state.pt"), load_state(b / "state.pt")
     assert all(sa["model"][k].equal(sb["model"][k]) for k in sa["model"])
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "info", "minimize",
+                                     "export", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    """`selfscale COMMAND --help` documents its options and exits 0."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_resume_and_output_path_errors(images, tmp_path, capsys):
+    """Resume below the current step, a bool where a number belongs, --out under a file, and
+    train --resume on a minimized run are one-line errors with exit code 2."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), "--steps", "4", "--out", str(run), *TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--quiet"]) == 2
+    assert "already at step 4" in capsys.readouterr().err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nlr = true\n")
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 2
+    assert "--lr" in capsys.readouterr().err
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main(["predict", str(run), str(images), "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfscale: error:") and len(err.strip().splitlines()) == 1
+    assert main(["minimize", str(run), "--strategy", "seq", "--retrain-steps", "2",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "9", "--quiet"]) == 2
+    assert "has been minimized" in capsys.readouterr().err
+    (run / "minimize" / "final.pt").unlink()
+    assert main(["evaluate", str(run)]) == 2
+    assert "has not finished" in capsys.readouterr().err

@@ -76,10 +76,23 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     torch.save(state, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    # The checksum is written first: a kill between the two writes leaves a checksum that does
-    # not match the old file, which load_state reports as corrupt rather than trusting it.
-    atomic_write_text(_sum_path(path), f"{digest}  {Path(path).name}\n")
+    name = Path(path).name
+    # Three atomic steps, so that a kill between any two leaves a file that loads:
+    # 1. the checksum file lists the new digest and the old one, 2. the data is replaced,
+    # 3. the checksum file lists only the new digest.
+    old = _listed_digests(_sum_path(path))[:1] if Path(path).is_file() else []
+    atomic_write_text(_sum_path(path), "".join(f"{d}  {name}\n" for d in [digest, *old]))
     atomic_write_bytes(path, data)
+    if old:
+        atomic_write_text(_sum_path(path), f"{digest}  {name}\n")
+
+
+def _listed_digests(sum_file: Path) -> list[str]:
+    try:
+        return [line.split()[0] for line in sum_file.read_text(errors="replace").splitlines()
+                if line.split()]
+    except OSError:
+        return []
 
 
 def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -95,8 +108,7 @@ def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str
     if not sum_file.is_file():
         raise CheckpointError(f"checkpoint is corrupt: {path} (its checksum file "
                               f"{sum_file.name} is missing)")
-    expected = sum_file.read_text(errors="replace").split()[:1]
-    if not expected or hashlib.sha256(data).hexdigest() != expected[0]:
+    if hashlib.sha256(data).hexdigest() not in _listed_digests(sum_file):
         raise CheckpointError(f"checkpoint is corrupt: {path} (sha256 does not match "
                               f"{sum_file.name})")
     try:

@@ -46,7 +46,7 @@ CONFIG_FLAGS: dict[str, tuple[str, str]] = {
     "checkpoint_every": ("train", "checkpoint_every"),
 }
 # What may differ when a run is resumed: its length and where/how fast it runs.
-RESUME_OVERRIDES = {"steps", "device", "threads"}
+RESUME_OVERRIDES = {"steps", "device"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,8 +78,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from selfscale.tasks import TASKS
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", choices=sorted(TASKS), help="the operator to learn: " + "; ".join(
-        f"{t.name}: {t.description}" for t in sorted(TASKS.values(), key=lambda t: t.name)))
+    tasks = "; ".join(f"{t.name}: {t.description}"
+                      for t in sorted(TASKS.values(), key=lambda t: t.name))
+    g.add_argument("--task", choices=sorted(TASKS),
+                   help="the operator to learn: " + tasks.replace("%", "%%"))
     g.add_argument("--task-param", action="append", metavar="KEY=VALUE", default=[],
                    help="override an operator parameter, e.g. sigma=2.0 for canny (repeatable); "
                         "every parameter is stored with the run")
@@ -138,8 +140,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="run directory to create (default runs/<task>, numbered if taken); "
                         "never overwritten")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (only --steps, "
-                        "--device and --threads may change)")
+                   help="continue the run in --out from its last checkpoint (only --steps "
+                        "and --device may change)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -176,13 +178,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if fixed or args.task_param or args.config:
             name = (fixed[0] if fixed else "task_param" if args.task_param else "config")
             raise ConfigError(f"--{name.replace('_', '-')}: cannot be changed when resuming; a "
-                              "resumed run keeps its stored config (only --steps, --device and "
-                              "--threads may change)")
+                              "resumed run keeps its stored config, and its thread count (only "
+                              "--steps and --device may change)")
+        from selfscale.minimize.session import MIN_DIR
+
+        if (args.out / MIN_DIR).exists():
+            raise ConfigError(f"--resume: {args.out} has been minimized; training its base "
+                              "network further would leave the minimization stale (copy the run "
+                              "or start a new one)")
         run = load_run(args.out, args.device or "auto")
         if args.steps is not None:
+            if args.steps < run.state.step:
+                raise ConfigError(f"--steps: the run is already at step {run.state.step}; give "
+                                  f"at least that many")
             run.config.train.steps = args.steps
-        if args.threads is not None:
-            run.meta["threads"] = args.threads
     else:
         config = config_from_args(args)
         out = args.out or default_run_dir(config.task.name)
@@ -251,6 +260,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run, model, stage = load_network(args.run_dir, args.stage, args.device)
     task, params = resolved_task(run.config)
+    if args.crop is not None and not 8 <= args.crop <= 8192:
+        raise ConfigError(f"--crop: must be an integer between 8 and 8192, got {args.crop}")
     crop = None if args.full else (args.crop or run.config.data.crop)
     if args.data is not None:
         if task.from_files and args.targets is None:
@@ -481,9 +492,10 @@ def add_minimize_parsers(sub) -> None:
                        "the next layer's matching inputs removed), check it against the masked "
                        "network on the eval images (max abs difference <= 1e-5), then write it.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--format", default="torch", choices=["torch", "onnx"],
+    p.add_argument("--format", choices=["torch", "onnx"],
                    help="torch: tensors + architecture, loadable with torch.load(weights_only="
-                        "True); onnx: verified with onnxruntime (default torch)")
+                        "True); onnx: verified with onnxruntime (default: onnx for a .onnx "
+                        "--out, else torch)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
@@ -547,7 +559,10 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     bar = None
     if config.base_steps is not None and not args.quiet:
         bar, hooks = _train_progress(config.base_steps, quiet=args.quiet)
-    if not args.quiet:
+    if not args.quiet and args.resume:
+        print(f"resuming the minimization in {args.out or args.run_dir} with its stored "
+              "settings (the minimize options given now are not used)", file=sys.stderr)
+    elif not args.quiet:
         print(f"minimizing {args.run_dir} with {config.strategy}, threshold {config.threshold} "
               f"of the {config.reference} {config.metric}, {config.retrain_steps} retrain steps",
               file=sys.stderr)
@@ -595,8 +610,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     x = as_input(x_np, next(model.parameters()).device)
     meta = {"task": run.config.task.name, "task_params": run.config.task.params,
             "source_run": str(run.path), "stage": stage}
-    report = export(model, args.format, args.out, check_inputs=x, meta=meta,
-                    overwrite=args.overwrite)
+    fmt = args.format or ("onnx" if args.out.suffix.lower() == ".onnx" else "torch")
+    report = export(model, fmt, args.out, check_inputs=x, meta=meta, overwrite=args.overwrite)
     speed = compare_speed(model, compact_model(model), x)
     if args.json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v)
@@ -619,11 +634,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from selfscale.demo import DemoConfig, run_demo
 
+    from selfscale.config import MinimizeConfig
+    from selfscale.run import check_new_run_dir
+
     cfg = DemoConfig(task=args.task, out=args.out, steps=args.steps, train_crop=args.train_crop,
                      retrain_steps=args.retrain_steps, strategy=args.strategy,
                      threshold=args.threshold, seed=args.seed, device=args.device,
                      threads=args.threads)
-    _strategy_check(cfg.strategy)
+    _strategy_check(cfg.strategy)  # every setting is checked before minutes of training
+    MinimizeConfig(strategy=cfg.strategy, threshold=cfg.threshold,
+                   retrain_steps=cfg.retrain_steps, seed=cfg.seed)
+    if cfg.out is not None:
+        check_new_run_dir(cfg.out)
 
     def phase(text: str) -> None:
         if not args.quiet:
@@ -678,6 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except SelfscaleError as exc:
         print(f"selfscale: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable --out, a file where a folder is needed, disk full …
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"selfscale: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfscale: interrupted; a run continues from its last checkpoint with --resume",

@@ -349,6 +349,7 @@ def export(model: FCN, fmt: str, path: Path, *, check_inputs: Tensor,
         data = onnx_bytes(compact, arch)
         onnx_diff = onnx_max_abs_diff(data, compact, check_inputs)
         atomic_write_bytes(path, data)
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)  # a replaced torch file's
     k, c = model.kernel, model.in_channels
     return ExportReport(
         path=path, format=fmt, widths_before=tuple(model.widths), widths_after=compact.widths,

@@ -24,6 +24,15 @@ def _check(ok: bool, flag: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{flag}: {rule}, got {value!r}")
 
 
+def _int(value: Any) -> bool:
+    """An integer that is not a bool (TOML's ``true`` must not pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _path_or_none(value: Any, flag: str) -> Path | None:
     if value in (None, ""):
         return None
@@ -65,19 +74,19 @@ class DataConfig:
         for name in ("data", "eval_data", "targets", "eval_targets", "cache_dir"):
             setattr(self, name, _path_or_none(getattr(self, name), "--" + name.replace("_", "-")))
         _check(isinstance(self.flips, bool), "--flips", self.flips, "must be true or false")
-        _check(isinstance(self.crop, int) and 8 <= self.crop <= 8192, "--crop", self.crop,
+        _check(_int(self.crop) and 8 <= self.crop <= 8192, "--crop", self.crop,
                "must be an integer between 8 and 8192")
         if self.train_crop is not None:
-            _check(isinstance(self.train_crop, int) and 8 <= self.train_crop <= 8192, "--train-crop",
+            _check(_int(self.train_crop) and 8 <= self.train_crop <= 8192, "--train-crop",
                    self.train_crop, "must be an integer between 8 and 8192")
-        _check(isinstance(self.batch, int) and 1 <= self.batch <= 4096, "--batch", self.batch,
+        _check(_int(self.batch) and 1 <= self.batch <= 4096, "--batch", self.batch,
                "must be an integer between 1 and 4096")
-        _check(isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1,
+        _check(_num(self.eval_fraction) and 0 < self.eval_fraction < 1,
                "--eval-fraction", self.eval_fraction, "must be between 0 and 1 (exclusive)")
-        _check(isinstance(self.split_seed, int) and self.split_seed >= 0, "--split-seed",
+        _check(_int(self.split_seed) and self.split_seed >= 0, "--split-seed",
                self.split_seed, "must be a non-negative integer")
         if self.max_images is not None:
-            _check(isinstance(self.max_images, int) and self.max_images >= 1, "--max-images",
+            _check(_int(self.max_images) and self.max_images >= 1, "--max-images",
                    self.max_images, "must be a positive integer")
         _check(self.eval_targets is None or self.eval_data is not None, "--eval-targets",
                str(self.eval_targets), "needs --eval-data")
@@ -119,17 +128,17 @@ class ModelConfig:
         _check(isinstance(self.widths, (list, tuple)), "--widths", self.widths,
                "must be a list of integers such as [5, 5, 1]")
         self.widths = tuple(self.widths)
-        _check(len(self.widths) >= 1 and all(isinstance(w, int) and 1 <= w <= 4096
+        _check(len(self.widths) >= 1 and all(_int(w) and 1 <= w <= 4096
                                              for w in self.widths),
                "--widths", ",".join(map(str, self.widths)),
                "must be comma-separated positive integers, e.g. 5,5,1")
         _check(self.widths[-1] == 1, "--widths", ",".join(map(str, self.widths)),
                "the last layer produces the output image and must have width 1")
-        _check(isinstance(self.kernel, int) and self.kernel >= 1 and self.kernel % 2 == 1
+        _check(_int(self.kernel) and self.kernel >= 1 and self.kernel % 2 == 1
                and self.kernel <= 63, "--kernel", self.kernel, "must be an odd integer from 1 to 63")
-        _check(isinstance(self.in_channels, int) and self.in_channels >= 1, "in_channels",
+        _check(_int(self.in_channels) and self.in_channels >= 1, "in_channels",
                self.in_channels, "must be a positive integer")
-        _check(isinstance(self.init_std, (int, float)) and 0 < self.init_std < 10, "--init-std",
+        _check(_num(self.init_std) and 0 < self.init_std < 10, "--init-std",
                self.init_std, "must be a positive number below 10")
 
 
@@ -158,21 +167,21 @@ class TrainConfig:
     """--checkpoint-every: also save the run state every N steps; 0 means at every evaluation."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.steps, int) and self.steps >= 0, "--steps", self.steps,
+        _check(_int(self.steps) and self.steps >= 0, "--steps", self.steps,
                "must be a non-negative integer")
-        _check(isinstance(self.eval_every, int) and self.eval_every >= 1, "--eval-every",
+        _check(_int(self.eval_every) and self.eval_every >= 1, "--eval-every",
                self.eval_every, "must be a positive integer")
         _check(self.loss is None or self.loss in LOSSES, "--loss", self.loss,
                f"must be one of {', '.join(LOSSES)}")
-        _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 10,
+        _check(_num(self.lr) and math.isfinite(self.lr) and 0 < self.lr <= 10,
                "--lr", self.lr, "must be a positive number up to 10")
-        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "--seed", self.seed,
+        _check(_int(self.seed) and 0 <= self.seed < 2**63, "--seed", self.seed,
                "must be a non-negative integer")
         _check(self.device in DEVICES, "--device", self.device,
                f"must be one of {', '.join(DEVICES)}")
-        _check(isinstance(self.threads, int) and 0 <= self.threads <= 1024, "--threads",
-               self.threads, "must be a non-negative integer")
-        _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+        _check(_int(self.threads) and 0 <= self.threads <= 1024, "--threads",
+               self.threads, "must be an integer from 0 to 1024")
+        _check(_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                "--checkpoint-every", self.checkpoint_every, "must be a non-negative integer")
 
 
@@ -283,7 +292,7 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config: file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"--config: is a directory, expected a TOML file: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
@@ -328,22 +337,22 @@ class MinimizeConfig:
     """--seed: seed of the minimization's own random choices (random strategy, re-inits)."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1,
+        _check(_num(self.threshold) and 0 < self.threshold <= 1,
                "--threshold", self.threshold, "must be in (0, 1]")
-        _check(isinstance(self.retrain_steps, int) and self.retrain_steps >= 1, "--retrain-steps",
+        _check(_int(self.retrain_steps) and self.retrain_steps >= 1, "--retrain-steps",
                self.retrain_steps, "must be a positive integer")
         if self.base_steps is not None:
-            _check(isinstance(self.base_steps, int) and self.base_steps >= 0, "--base-steps",
+            _check(_int(self.base_steps) and self.base_steps >= 0, "--base-steps",
                    self.base_steps, "must be a non-negative integer")
         _check(self.mode in MODES, "--mode", self.mode, f"must be one of {', '.join(MODES)}")
         _check(self.reference in REFERENCES, "--reference", self.reference,
                f"must be one of {', '.join(REFERENCES)}")
         if self.max_steps is not None:
-            _check(isinstance(self.max_steps, int) and self.max_steps >= 0, "--max-steps",
+            _check(_int(self.max_steps) and self.max_steps >= 0, "--max-steps",
                    self.max_steps, "must be a non-negative integer")
         _check(self.metric in SCORE_METRICS, "--metric", self.metric,
                f"must be one of {', '.join(SCORE_METRICS)}")
-        _check(isinstance(self.seed, int) and self.seed >= 0, "--seed", self.seed,
+        _check(_int(self.seed) and self.seed >= 0, "--seed", self.seed,
                "must be a non-negative integer")
 
     def to_dict(self) -> dict[str, Any]:

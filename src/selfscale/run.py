@@ -105,6 +105,10 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> Run:
         raise CheckpointError(f"run metadata is corrupt: {path / META_FILE} ({exc})") from None
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"run metadata is corrupt: {path / META_FILE} (no config)")
+    for key in ("format", "threads"):
+        if not isinstance(meta.get(key, 0), int) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"run metadata is corrupt: {path / META_FILE} ({key!r} must "
+                                  f"be an integer, got {meta.get(key)!r})")
     if meta.get("format", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer selfscale (format "
                               f"{meta.get('format')}); upgrade selfscale to read it")

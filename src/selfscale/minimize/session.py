@@ -154,6 +154,11 @@ def load_network(run_dir: Path, stage: str = "auto",
     if stage not in STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
     run = load_run(run_dir, device)
+    started = (Path(run_dir) / MIN_DIR / LOOP_FILE).is_file()
+    if stage == "auto" and started and not has_minimized(run_dir):
+        raise CheckpointError(f"{run_dir}: its minimization has not finished (no "
+                              f"{MIN_DIR}/{FINAL_FILE}); continue it with 'selfscale minimize "
+                              f"{run_dir} --resume', or use --stage base")
     if stage == "base" or (stage == "auto" and not has_minimized(run_dir)):
         return run, run.state.model, "base"
     if not has_minimized(run_dir):
