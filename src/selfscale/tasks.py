@@ -206,10 +206,6 @@ def make_target(task: Task, image: np.ndarray, params: Mapping[str, Any]) -> np.
     return np.clip(np.asarray(target, dtype=np.float32), 0.0, 1.0)
 
 
-def _positive(value: Any, params: Mapping[str, Any]) -> bool:
-    return value > 0
-
-
 def _choice(options: Sequence[str]) -> Rule:
     return Rule(lambda value, params: value in options, f"must be one of {', '.join(options)}")
 
@@ -303,7 +299,8 @@ def _low_ok(value: float | None, params: Mapping[str, Any]) -> bool:
     binary=True,
     description="binary Canny edges as MATLAB edge(I,'canny'): sigma √2, auto 70 %/0.4 thresholds",
     rules={
-        "sigma": Rule(_positive, "must be > 0"),
+        "sigma": Rule(lambda v, p: 0.0 < v <= 64.0,
+                      "must be > 0 and at most 64 (the Gaussian spans ±4σ pixels)"),
         "high_fraction": Rule(lambda v, p: 0.0 < v < 1.0, "must be between 0 and 1 (exclusive)"),
         "low_ratio": Rule(lambda v, p: 0.0 < v < 1.0, "must be between 0 and 1 (exclusive)"),
         "high_threshold": Rule(lambda v, p: v is None or 0.0 < v <= 1.0,
@@ -353,7 +350,7 @@ def canny(image: np.ndarray, *, sigma: float = CANNY_SIGMA,
     defaults={"nbins": OTSU_NBINS},
     binary=True,
     description="binary Otsu threshold: image > skimage.filters.threshold_otsu(image)",
-    rules={"nbins": Rule(lambda v, p: v >= 2, "must be an integer >= 2")},
+    rules={"nbins": Rule(lambda v, p: 2 <= v <= 65536, "must be an integer from 2 to 65536")},
 )
 def otsu(image: np.ndarray, *, nbins: int = OTSU_NBINS) -> np.ndarray:
     """``image > threshold_otsu(image, nbins)`` as float32 0/1 (Otsu 1979, IEEE TSMC 9:62–66).
