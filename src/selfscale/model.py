@@ -29,11 +29,13 @@ def trunc_normal_(tensor: Tensor, std: float, generator: torch.Generator | None 
     """Fill ``tensor`` in place from N(0, std²) truncated to [−2·std, 2·std] (thesis 2.3).
 
     Sampling by inverse CDF gives the same distribution as redrawing values outside the bounds.
-    Values are drawn on the CPU (``generator`` is a CPU generator) and copied to the tensor's
-    device, so a seed gives the same weights on every device.
+    Values are drawn on the CPU (``generator`` is a CPU generator) into a tensor with the same
+    memory layout (the draw fills memory in order, so a channels_last weight gets its values in
+    channels_last order), then copied to the tensor's device: a seed gives the same weights on
+    every device.
     """
     with torch.no_grad():
-        draw = torch.empty(tensor.shape, dtype=torch.float32)
+        draw = torch.empty_like(tensor, dtype=torch.float32, device="cpu")
         nn.init.trunc_normal_(draw, mean=0.0, std=std, a=-TRUNC_STDS * std, b=TRUNC_STDS * std,
                               generator=generator)
         return tensor.copy_(draw)
