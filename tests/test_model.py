@@ -123,3 +123,20 @@ def test_reinit_mask_changes_only_that_mask():
     assert not torch.equal(after[2], before[2])
     assert torch.equal(after[[0, 1, 3, 4]], before[[0, 1, 3, 4]])
     assert after[2].abs().max() <= 0.1
+
+
+def test_trunc_normal_fills_in_memory_order_of_the_target():
+    """A channels_last weight gets the values an in-place draw into it would get (so re-draws
+    of a model already in channels_last reproduce the published runs)."""
+    from torch import nn
+
+    from selfscale.model import trunc_normal_
+
+    target = torch.empty(5, 5, 5, 5).contiguous(memory_format=torch.channels_last)
+    trunc_normal_(target, 0.05, torch.Generator().manual_seed(4))
+    ref = torch.empty(5, 5, 5, 5).contiguous(memory_format=torch.channels_last)
+    nn.init.trunc_normal_(ref, 0.0, 0.05, -0.1, 0.1, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(target, ref)
+    plain = torch.empty(5, 5, 5, 5)
+    trunc_normal_(plain, 0.05, torch.Generator().manual_seed(4))
+    assert not torch.equal(plain, target)  # the layout matters, hence this test
