@@ -42,8 +42,9 @@ def trained(tmp_path_factory):
 
 def _env(run):
     from selfscale.minimize.session import train_env
+    from selfscale.run import prepare_data
 
-    return train_env(run)
+    return train_env(run, prepare_data(run.config))
 
 
 def _scripted(monkeypatch, scores):

@@ -192,13 +192,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--steps: the run is already at step {run.state.step}; give "
                                   f"at least that many")
             run.config.train.steps = args.steps
+        data = prepare_data(run.config, progress=not args.quiet)
     else:
         config = config_from_args(args)
         out = args.out or default_run_dir(config.task.name)
         check_new_run_dir(out)
         data = prepare_data(config, progress=not args.quiet)  # bad data fails before any file
         run = start_run(config, out)
-    data = data if not args.resume else prepare_data(run.config, progress=not args.quiet)
     progress, hooks = _train_progress(run.config.train.steps, quiet=args.quiet,
                                       start=run.state.step)
     t0 = time.perf_counter()

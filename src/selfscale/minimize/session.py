@@ -26,6 +26,7 @@ import torch
 from selfscale.checkpoint import atomic_write_text, load_state, save_state
 from selfscale.config import MinimizeConfig
 from selfscale.errors import CheckpointError, ConfigError
+from selfscale.data import Datasets
 from selfscale.minimize.loop import (LoopHooks, Minimization, TrainEnv, mask_matrix, minimize,
                                      start, summary)
 from selfscale.model import FCN
@@ -40,9 +41,8 @@ FINAL_FILE = "final.pt"
 STAGES = ("auto", "base", "minimized")
 
 
-def train_env(run: Run, progress: bool = False) -> TrainEnv:
+def train_env(run: Run, data: Datasets) -> TrainEnv:
     cfg = run.config
-    data = prepare_data(cfg, progress=progress)
     return TrainEnv(train_set=data.train, eval_set=data.eval,
                     device=next(run.state.model.parameters()).device, loss=cfg.train.loss,
                     batch=cfg.data.batch, train_crop=cfg.data.effective_train_crop,
@@ -94,12 +94,13 @@ def minimize_run(run_dir: Path, config: MinimizeConfig, *, out: Path | None = No
     if resume:
         m = Minimization.from_dict(load_state(mdir / LOOP_FILE),
                                    next(run.state.model.parameters()).device)
-        env = train_env(run, progress)
+        env = train_env(run, prepare_data(run.config, progress=progress))
     else:
+        data = prepare_data(run.config, progress=progress)  # loaded once for both phases
         if config.base_steps is not None and config.base_steps > run.state.step:
             run.config.train.steps = config.base_steps  # base training (thesis: 10 000 steps)
-            train_run(run, progress=progress, hooks=train_hooks)
-        env = train_env(run, progress)
+            train_run(run, progress=progress, hooks=train_hooks, datasets=data)
+        env = train_env(run, data)
         m = start(run.state, config, env)
         save_state(mdir / LOOP_FILE, m.to_dict())
 
