@@ -4,6 +4,7 @@ ONNX through onnxruntime, refusals and error messages."""
 from __future__ import annotations
 
 import io
+import logging
 import sys
 
 import pytest
@@ -13,8 +14,7 @@ from hypothesis import strategies as st
 
 from selfscale.checkpoint import save_state
 from selfscale.compact import (ExportMismatchError, architecture, compact_model, compare_speed,
-                               export, export_onnx, export_torch, load_compact,
-                               plain_torch_module, time_inference, verify_compact)
+                               export, load_compact, plain_torch_module, verify_compact)
 from selfscale.errors import CheckpointError, ConfigError, SelfscaleError
 from selfscale.model import FCN, active_parameter_count, build_model
 
@@ -26,6 +26,11 @@ def masked_net(widths, kernel=3, disabled=(), seed=0) -> FCN:
     for layer, mask in disabled:
         model.set_enabled(layer, mask, False)
     return model
+
+
+def export_torch(model: FCN, path, meta=None):
+    """The torch-format export of ``model`` checked on a small random batch."""
+    return export(model, "torch", path, check_inputs=torch.rand(2, 1, 8, 8), meta=meta)
 
 
 def thesis_net_six_off() -> FCN:
@@ -153,8 +158,6 @@ def test_export_refuses_to_overwrite(tmp_path):
     x = torch.rand(1, 1, 8, 8)
     with pytest.raises(ConfigError, match="--out: .* already exists"):
         export(thesis_net_six_off(), "torch", path, check_inputs=x)
-    with pytest.raises(ConfigError, match="--out"):
-        export_torch(thesis_net_six_off(), path)
     assert path.read_bytes() == b"keep me"
     export(thesis_net_six_off(), "torch", path, check_inputs=x, overwrite=True)
     assert load_compact(path).widths == (2, 2, 1)
@@ -228,49 +231,93 @@ def test_unusable_files_are_checkpoint_errors(tmp_path, blob, message):
 
 
 # --- ONNX ---------------------------------------------------------------------------------------
-def test_onnx_matches_torch_on_other_sizes(tmp_path):
-    """onnxruntime on batch 2 and an H×W never seen at export equals PyTorch within 1e-5."""
+def test_onnx_matches_torch_on_other_sizes(tmp_path, capfd):
+    """torch.onnx.export's file, run by onnxruntime on an N×H×W never seen at export, equals the
+    compact network within 1e-5; the export prints nothing, leaves the RNG alone and replaces a
+    torch file (and its stale checksum) only with overwrite=True."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
     model = thesis_net_six_off()
     path = tmp_path / "net.onnx"
-    report = export(model, "onnx", path, check_inputs=torch.rand(1, 1, 16, 16),
-                    meta={"task": "canny"})
+    export_torch(model, path)  # a torch file under the ONNX name, to be replaced
+    x = torch.rand(1, 1, 16, 16)
+    capfd.readouterr()
+    rng = torch.get_rng_state()
+    log, records = logging.getLogger("torch.onnx"), []  # e.g. "torchvision is not installed"
+    handler = logging.Handler()
+    handler.emit = records.append
+    log.addHandler(handler)
+    try:
+        report = export(model, "onnx", path, check_inputs=x, meta={"task": "canny"},
+                        overwrite=True)
+    finally:
+        log.removeHandler(handler)
+    assert capfd.readouterr() == ("", "")
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    assert torch.equal(torch.get_rng_state(), rng)
     assert report.onnx_max_abs_diff is not None and report.onnx_max_abs_diff <= 1e-5
+    assert report.max_abs_diff <= 1e-5 and report.widths_after == (2, 2, 1)
     assert not (tmp_path / "net.onnx.sha256").exists()
 
     proto = onnx.load(str(path))
     assert proto.opset_import[0].version >= 17
+    assert not any(n.op_type == "Mul" for n in proto.graph.node)  # the plain Conv/Relu chain
     props = {p.key: p.value for p in proto.metadata_props}
     assert '"widths": [2, 2, 1]' in props["selfscale.architecture"]
     assert '"task": "canny"' in props["selfscale.architecture"]
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (proto.graph.input[0], proto.graph.output[0])]
+    assert dims == [["batch", 1, "height", "width"]] * 2
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == ["edges"]
-    x = torch.rand(2, 1, 23, 37)
-    (out,) = session.run(["edges"], {"image": x.numpy()})
-    with torch.no_grad():
-        expected = compact_model(model)(x)
-    assert out.shape == (2, 1, 23, 37)
-    assert torch.allclose(torch.from_numpy(out), expected, rtol=0, atol=1e-5)
+    compact = compact_model(model)
+    for shape in [(2, 1, 23, 37), (3, 1, 1, 5)]:
+        x = torch.rand(*shape)
+        (out,) = session.run(["edges"], {"image": x.numpy()})
+        with torch.no_grad():
+            expected = compact(x)
+        assert out.shape == shape
+        assert torch.allclose(torch.from_numpy(out), expected, rtol=0, atol=1e-5)
+
+    data = path.read_bytes()
+    with pytest.raises(ConfigError, match="--out: .* already exists"):
+        export(model, "onnx", path, check_inputs=torch.rand(1, 1, 8, 8))
+    assert path.read_bytes() == data
 
 
-def test_export_onnx_refuses_to_overwrite(tmp_path):
-    pytest.importorskip("onnx")
+def test_failed_onnx_check_writes_nothing(tmp_path, monkeypatch):
+    """onnxruntime disagreeing with PyTorch → ExportMismatchError and no file."""
     pytest.importorskip("onnxruntime")
-    path = tmp_path / "net.onnx"
-    assert export_onnx(thesis_net_six_off(), path) <= 1e-5
-    with pytest.raises(ConfigError, match="--out"):
-        export_onnx(thesis_net_six_off(), path)
+    pytest.importorskip("onnxscript")
+    import selfscale.compact as compact_mod
+
+    real = compact_mod.plain_torch_module
+
+    def broken(arch, state):
+        net = real(arch, state)
+        with torch.no_grad():
+            net[0].bias += 1.0
+        return net
+
+    monkeypatch.setattr(compact_mod, "plain_torch_module", broken)
+    with pytest.raises(ExportMismatchError, match="onnxruntime output differs"):
+        export(thesis_net_six_off(), "onnx", tmp_path / "net.onnx",
+               check_inputs=torch.rand(1, 1, 8, 8))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_onnx_extra_is_a_clear_config_error(tmp_path, monkeypatch):
-    """Without the 'onnx' package, --format onnx explains how to install the extra."""
-    monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` raise ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'selfscale\[onnx\]'"):
-        export(thesis_net_six_off(), "onnx", tmp_path / "net.onnx",
-               check_inputs=torch.rand(1, 1, 8, 8))
+    """Without the 'onnx' (or 'onnxscript') package, --format onnx explains how to install the
+    extra."""
+    for missing in ("onnx", "onnxscript"):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, missing, None)  # makes `import <missing>` raise ImportError
+            with pytest.raises(ConfigError, match=r"pip install 'selfscale\[onnx\]'"):
+                export(thesis_net_six_off(), "onnx", tmp_path / "net.onnx",
+                       check_inputs=torch.rand(1, 1, 8, 8))
     assert not (tmp_path / "net.onnx").exists()
 
 
@@ -280,7 +327,6 @@ def test_timing_helpers_return_positive_medians_and_leave_models_alone():
     model = thesis_net_six_off()
     compact = compact_model(model)
     x = torch.rand(1, 1, 16, 16)
-    assert time_inference(compact, x, repeats=2, warmup=1) > 0
     speed = compare_speed(model, compact, x, repeats=2, warmup=1)
     assert speed["masked_s"] > 0 and speed["compact_s"] > 0
     assert speed["speedup"] == pytest.approx(speed["masked_s"] / speed["compact_s"])

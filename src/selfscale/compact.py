@@ -22,17 +22,22 @@ A ``--format torch`` file needs neither selfscale nor pickled code; plain PyTorc
     # image: float32 (N, 1, H, W) in [0, 1]
     edges = (net(image).clamp(0, 1) * 255).round().to(torch.uint8)
 
-(:func:`plain_torch_module` is that recipe.) A ``--format onnx`` file takes input ``image`` and
-gives output ``edges``, with dynamic batch, height and width; the same dict is stored as JSON
-in its metadata under ``selfscale.architecture``.
+(:func:`plain_torch_module` is that recipe.) A ``--format onnx`` file is that network exported by
+``torch.onnx.export(dynamo=True)`` (opset 18): input ``image``, output ``edges``, dynamic batch,
+height and width; the same dict is stored as JSON in its metadata under ``selfscale.architecture``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +53,7 @@ from selfscale.model import FCN, macs_per_pixel, parameter_count
 FORMAT_NAME = "selfscale-compact"
 FORMAT_VERSION = 1
 FORMATS = ("torch", "onnx")
-ONNX_OPSET = 17
-ONNX_IR_VERSION = 8  # the IR version that introduced opset 17; older runtimes can read it
+ONNX_OPSET = 18  # the lowest opset torch's exporter writes without a version conversion
 ONNX_INPUT, ONNX_OUTPUT = "image", "edges"
 ONNX_META_KEY = "selfscale.architecture"
 ATOL = 1e-5
@@ -151,20 +155,10 @@ def verify_compact(masked: FCN, compact: nn.Module, inputs: Tensor, atol: float 
 
 
 # --- torch format -----------------------------------------------------------------------------
-def export_torch(model: FCN, path: Path, meta: dict[str, Any] | None = None, *,
-                 overwrite: bool = False) -> FCN:
-    """Compact ``model`` and write it as ``{"architecture", "state_dict"}`` (float32, CPU) with
-    ``torch.save``, atomically, with ``NAME.sha256`` beside it. Returns the written network."""
-    _refuse_overwrite(Path(path), overwrite)
-    compact = _for_export(compact_model(model))
-    _write_torch(compact, Path(path), architecture(compact, meta))
-    return compact
-
-
-def _write_torch(compact: FCN, path: Path, arch: dict[str, Any]) -> None:
-    state = {f"layers.{i}.{name}": getattr(layer, name).detach().clone()
-             for i, layer in enumerate(compact.layers) for name in ("weight", "bias")}
-    save_state(path, {"architecture": arch, "state_dict": state})
+def _state_dict(compact: FCN) -> dict[str, Tensor]:
+    """``layers.{i}.weight`` / ``layers.{i}.bias`` of the compact network: what both files hold."""
+    return {f"layers.{i}.{name}": getattr(layer, name).detach().clone()
+            for i, layer in enumerate(compact.layers) for name in ("weight", "bias")}
 
 
 def load_compact(path: Path) -> FCN:
@@ -222,62 +216,48 @@ def _check_compact(arch: Any, state: Any, source: str) -> None:
 
 
 # --- ONNX format ------------------------------------------------------------------------------
-def export_onnx(model: FCN, path: Path, meta: dict[str, Any] | None = None, *,
-                check_inputs: Tensor | None = None, overwrite: bool = False) -> float:
-    """Compact ``model``, build the ONNX graph, check it with onnxruntime against the PyTorch
-    compact network (default check input: a seeded 2×C×24×32 batch), then write it atomically.
-    Returns the onnxruntime max abs difference."""
-    _refuse_overwrite(Path(path), overwrite)
-    compact = _for_export(compact_model(model))
-    if check_inputs is None:
-        gen = torch.Generator().manual_seed(0)
-        check_inputs = torch.rand(2, compact.in_channels, 24, 32, generator=gen)
-    data = onnx_bytes(compact, architecture(compact, meta))
-    diff = onnx_max_abs_diff(data, compact, check_inputs)
-    atomic_write_bytes(Path(path), data)
-    return diff
-
-
-def onnx_bytes(compact: FCN, arch: dict[str, Any]) -> bytes:
-    """The serialized ONNX model: Conv (pads k//2) → Relu per layer, float32, opset 17.
-
-    Built node by node with ``onnx.helper`` rather than ``torch.onnx.export``: in torch ≥ 2.9 the
-    default (dynamo) exporter needs the extra ``onnxscript`` package and the TorchScript one is
-    deprecated; a chain of Conv/Relu needs neither.
-    """
+def _onnx_bytes(net: nn.Module, arch: dict[str, Any]) -> bytes:
+    """``net`` exported by ``torch.onnx.export(dynamo=True)`` (opset :data:`ONNX_OPSET`) with
+    dynamic batch, height and width, ``arch`` stored as JSON in its metadata, serialized."""
     onnx = _require("onnx")
-    from onnx import TensorProto, helper, numpy_helper
+    from torch.export import Dim
 
-    k, p = compact.kernel, compact.kernel // 2
-    initializers, nodes = [], []
-    x = ONNX_INPUT
-    for i, layer in enumerate(compact.layers):
-        w, b = f"layers.{i}.weight", f"layers.{i}.bias"
-        initializers += [numpy_helper.from_array(layer.weight.detach().cpu().float().numpy(), w),
-                         numpy_helper.from_array(layer.bias.detach().cpu().float().numpy(), b)]
-        conv, y = f"conv{i}", (ONNX_OUTPUT if i == len(compact.layers) - 1 else f"relu{i}")
-        nodes += [helper.make_node("Conv", [x, w, b], [conv], name=f"Conv_{i}",
-                                   kernel_shape=[k, k], pads=[p, p, p, p], strides=[1, 1],
-                                   dilations=[1, 1], group=1),
-                  helper.make_node("Relu", [conv], [y], name=f"Relu_{i}")]
-        x = y
-    same = k % 2 == 1  # an even kernel with k//2 padding grows the image by one pixel
-    out_hw = ["height", "width"] if same else ["out_height", "out_width"]
-    graph = helper.make_graph(
-        nodes, "selfscale_fcn",
-        [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT,
-                                       ["batch", compact.in_channels, "height", "width"])],
-        [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, ["batch", 1, *out_hw])],
-        initializers)
-    proto = helper.make_model(graph, producer_name="selfscale", ir_version=ONNX_IR_VERSION,
-                              opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
-    helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(arch)})
+    example = torch.zeros(2, arch["in_channels"], 24, 32)  # not 0 or 1: the tracer fixes those
+    dims = ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},)
+    with _quiet() as chatter, torch.random.fork_rng(devices=[]):  # the exporter draws from the RNG
+        try:
+            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=dims,
+                                        input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                                        opset_version=ONNX_OPSET, verbose=False)
+        except Exception:
+            print(chatter.getvalue(), end="", file=sys.__stderr__)  # keep the exporter's story
+            raise
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_META_KEY, json.dumps(arch)
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
 
-def onnx_max_abs_diff(data: bytes, compact: nn.Module, inputs: Tensor,
-                      atol: float = ATOL) -> float:
+@contextlib.contextmanager
+def _quiet():
+    """Keep the exporter's prints, warnings and log lines (e.g. "torchvision is not installed")
+    off stdout/stderr, where the CLI writes its results; yields what was printed."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with (contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink),
+              warnings.catch_warnings()):
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        log.setLevel(level)
+
+
+def _onnx_max_abs_diff(data: bytes, compact: nn.Module, inputs: Tensor,
+                       atol: float = ATOL) -> float:
     """Run the ONNX bytes with onnxruntime (CPU) on ``inputs`` and compare with ``compact``;
     above ``atol`` → :class:`ExportMismatchError`."""
     ort = _require("onnxruntime")
@@ -337,19 +317,20 @@ def export(model: FCN, fmt: str, path: Path, *, check_inputs: Tensor,
     path = Path(path)
     _refuse_overwrite(path, overwrite)
     if fmt == "onnx":  # fail on a missing extra before any work
-        _require("onnx")
-        _require("onnxruntime")
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            _require(module)
     compact = _for_export(compact_model(model))
     diff = verify_compact(model, compact, check_inputs)
-    arch = architecture(compact, meta)
+    arch, state = architecture(compact, meta), _state_dict(compact)
     onnx_diff = None
     if fmt == "torch":
-        _write_torch(compact, path, arch)
-    else:
-        data = onnx_bytes(compact, arch)
-        onnx_diff = onnx_max_abs_diff(data, compact, check_inputs)
+        save_state(path, {"architecture": arch, "state_dict": state})
+    else:  # the exported graph is the plain recipe's network, checked against ``compact``
+        data = _onnx_bytes(plain_torch_module(arch, state), arch)
+        onnx_diff = _onnx_max_abs_diff(data, compact, check_inputs)
         atomic_write_bytes(path, data)
-        path.with_name(path.name + ".sha256").unlink(missing_ok=True)  # a replaced torch file's
+        # a replaced torch file's NAME.sha256 would describe bytes that are gone: remove it
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
     k, c = model.kernel, model.in_channels
     return ExportReport(
         path=path, format=fmt, widths_before=tuple(model.widths), widths_after=compact.widths,
@@ -373,11 +354,6 @@ def _refuse_overwrite(path: Path, overwrite: bool) -> None:
 
 
 # --- speed --------------------------------------------------------------------------------------
-def time_inference(model: nn.Module, inputs: Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds per forward pass (no_grad, channels_last as in training)."""
-    return _interleaved([model], inputs, repeats, warmup)[0]
-
-
 def compare_speed(masked: nn.Module, compact: nn.Module, inputs: Tensor, repeats: int = 20,
                   warmup: int = 3) -> dict[str, float]:
     """Median seconds per forward of both networks, timed alternately in one run, and
@@ -421,6 +397,5 @@ def _placement(m: nn.Module | Callable) -> dict[str, Any]:
 
 
 __all__ = ["ATOL", "ExportMismatchError", "ExportReport", "FORMATS", "architecture",
-           "compact_model", "compare_speed", "export", "export_onnx", "export_torch",
-           "load_compact", "max_abs_diff", "onnx_bytes", "onnx_max_abs_diff",
-           "plain_torch_module", "time_inference", "verify_compact"]
+           "compact_model", "compare_speed", "export", "load_compact", "max_abs_diff",
+           "plain_torch_module", "verify_compact"]
