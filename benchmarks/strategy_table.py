@@ -27,7 +27,7 @@ def base_run(out: Path, task: str, steps: int, train_crop: int, seed: int) -> Pa
     """Train (or reuse) the base network of ``task``."""
     import torch
 
-    from selfscale.run import load_run, start_run, train_run
+    from selfscale.run import load_run, prepare_data, start_run, train_run
 
     torch.set_num_threads(1)
     path = out / f"{task}-base"
@@ -41,7 +41,7 @@ def base_run(out: Path, task: str, steps: int, train_crop: int, seed: int) -> Pa
                         train=TrainConfig(steps=steps, eval_every=1000, seed=seed, device="cpu",
                                           threads=1))
         run = start_run(cfg, path)
-    train_run(run)
+    train_run(run, prepare_data(run.config))
     return path
 
 
@@ -50,6 +50,7 @@ def one(job: dict) -> dict:
     import torch
 
     from selfscale.minimize.session import minimize_run
+    from selfscale.run import load_run, prepare_data
 
     torch.set_num_threads(1)
     result_file = Path(job["result"])
@@ -60,7 +61,8 @@ def one(job: dict) -> dict:
                          retrain_steps=job["retrain_steps"], seed=job["seed"])
     t0 = time.perf_counter()
     resume = (target / "minimize" / "state.pt").is_file()
-    res = minimize_run(Path(job["base"]), cfg, out=target, resume=resume, device="cpu")
+    run = load_run(target if resume else Path(job["base"]), "cpu")
+    res = minimize_run(run, prepare_data(run.config), cfg, out=target, resume=resume)
     row = {"task": job["task"], "strategy": job["strategy"], "threshold": job["threshold"],
            "wall_seconds": round(time.perf_counter() - t0, 1), **res.summary}
     atomic_write_text(result_file, json.dumps(row) + "\n")

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic image folders (good and deliberately broken), an isolated cache."""
+"""Shared fixtures: tiny synthetic image folders (good, broken, rectangles), an isolated cache."""
 
 from __future__ import annotations
 
@@ -61,6 +61,28 @@ def image_folder(tmp_path) -> Path:
     Image.fromarray(rgb).save(root / "five.png")
     Image.fromarray(gradient(phase=7)).save(root / "six.bmp")
     return root
+
+
+@pytest.fixture(scope="session")
+def rect_folder(tmp_path_factory):
+    """Factory of folders ``im0.png`` … ``im{n-1}.png``: 8-bit grayscale, each a ``size``
+    rectangle of brightness ``level`` (in [0, 1]) on black at a top-left corner drawn from
+    ``default_rng(seed).integers(*corner, size=2)``, plus a left-to-right ramp from 0 to
+    ``ramp``. The same arguments write byte-identical files; usable from module-scoped fixtures."""
+    def make(name: str, n: int, shape: tuple[int, int], *, seed: int, corner: tuple[int, int],
+             size: tuple[int, int], level: float, ramp: float = 0.0) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            img = np.zeros(shape, np.float32)
+            y, x = rng.integers(*corner, size=2)
+            img[y:y + size[0], x:x + size[1]] = level
+            if ramp:
+                img += np.linspace(0, ramp, shape[1])[None, :]
+            Image.fromarray((img * 255).astype(np.uint8)).save(root / f"im{i}.png")
+        return root
+
+    return make
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """End to end through the command line on tiny crops in tmp_path, and one-line user errors."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,77 +13,150 @@ from selfscale.cli import main
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-imgs")
-    rng = np.random.default_rng(1)
-    for i in range(5):
-        img = np.zeros((36, 40), np.uint8)
-        y, x = rng.integers(2, 16, size=2)
-        img[y:y + 14, x:x + 16] = 220
-        Image.fromarray(img).save(root / f"im{i}.png")
-    return root
+def images(rect_folder):
+    """Five 36×40 images: a bright rectangle on black."""
+    return rect_folder("cli-imgs", 5, (36, 40), seed=1, corner=(2, 16), size=(14, 16),
+                       level=220 / 255)
 
 
 TRAIN = ["--task", "sobel", "--crop", "24", "--batch", "2", "--widths", "3,3,1", "--kernel", "3",
-         "--init-std", "0.1", "--lr", "0.003", "--eval-every", "10", "--threads", "1", "--quiet"]
+         "--init-std", "0.1", "--lr", "0.003", "--loss", "mse", "--eval-every", "10", "--threads", "1",
+         "--quiet"]
 
 
-def test_train_evaluate_predict_info_minimize_export(images, tmp_path, capsys):
-    """The whole CLI story writes the expected files and prints parseable results."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(images, tmp_path_factory):
+    """A 20-step run made by `selfscale train` (tests copy it before changing it)."""
+    run = tmp_path_factory.mktemp("cli-run") / "run"
     assert main(["train", "--data", str(images), "--steps", "20", "--out", str(run), *TRAIN]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def minimized(trained, tmp_path_factory):
+    """The trained run minimized by seq at threshold 0.5 with 5 retrain steps, into a copy."""
+    run = tmp_path_factory.mktemp("cli-min") / "run"
+    assert main(["minimize", str(trained), "--out", str(run), "--strategy", "seq",
+                 "--threshold", "0.5", "--retrain-steps", "5", "--quiet"]) == 0
+    return run
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_train_writes_a_run_directory(trained):
+    """The run directory holds the config (in config.toml only), metadata, state and history."""
     for name in ("config.toml", "run.json", "state.pt", "state.pt.sha256", "history.csv"):
-        assert (run / name).is_file(), name
-    assert "[train]" in (run / "config.toml").read_text()
-    capsys.readouterr()
+        assert (trained / name).is_file(), name
+    assert "[train]" in (trained / "config.toml").read_text()
+    assert "config" not in json.loads((trained / "run.json").read_text())
 
-    assert main(["evaluate", str(run), "--json"]) == 0
+
+def test_evaluate_prints_json_scores(trained, capsys):
+    assert main(["evaluate", str(trained), "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert set(scores) >= {"f1", "mae", "mse", "uiqi", "n_images"} and scores["n_images"] == 1
+    assert set(scores) == {"f1", "mae", "mse", "uiqi", "n_images", "stage"}
+    assert scores["n_images"] == 1 and scores["stage"] == "base"
 
+
+def test_evaluate_refuses_a_crop_larger_than_an_image(trained, capsys):
+    assert main(["evaluate", str(trained), "--crop", "500"]) == 2
+    assert "--crop: 500 does not fit 1 eval image(s), e.g. im" in capsys.readouterr().err
+
+
+def test_predict_writes_one_png_per_image_and_never_overwrites(trained, images, tmp_path, capsys):
     out = tmp_path / "pred"
-    assert main(["predict", str(run), str(images), "--out", str(out)]) == 0
+    assert main(["predict", str(trained), str(images), "--out", str(out)]) == 0
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 5
+    assert [p.name for p in pngs] == [f"im{i}.png" for i in range(5)]
     arr = np.asarray(Image.open(pngs[0]))
     assert arr.shape == (36, 40) and arr.dtype == np.uint8
-    # never overwritten silently
-    assert main(["predict", str(run), str(images), "--out", str(out)]) == 2
+    assert main(["predict", str(trained), str(images), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["predict", str(run), str(images), "--out", str(pngs[0])]) == 2
+    assert main(["predict", str(trained), str(images), "--out", str(pngs[0])]) == 2
     assert "is a file" in capsys.readouterr().err
-    assert main(["evaluate", str(run), "--crop", "500"]) == 2
-    assert "--crop: 500 does not fit" in capsys.readouterr().err
 
-    assert main(["info", str(run), "--json"]) == 0
+
+def test_info_shows_architecture_and_step(trained, capsys):
+    assert main(["info", str(trained), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == 20 and info["architecture"]["parameters"] == 3 * 9 + 3 + 27 * 3 + 3 + 28
-    assert main(["info", str(run)]) == 0
+    assert main(["info", str(trained)]) == 0
     assert "layer 1  3/3 active" in capsys.readouterr().out
 
-    # resume extends the run to 30 steps
+
+def test_resume_extends_the_run(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
     assert main(["train", "--out", str(run), "--resume", "--steps", "30", "--quiet"]) == 0
     assert "steps: 30" in capsys.readouterr().out
 
-    assert main(["minimize", str(run), "--strategy", "seq", "--threshold", "0.5",
-                 "--retrain-steps", "5", "--quiet"]) == 0
-    text = capsys.readouterr().out
-    assert "masks per layer  3/3/1 ->" in text
-    assert (run / "minimize" / "summary.json").is_file()
-    assert main(["info", str(run), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["stage"] == "minimized"
 
-    for fmt, ext in (("torch", "pt"), ("onnx", "onnx")):
-        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / f"m.{ext}"),
-                     "--json"]) == 0
-        report = json.loads(capsys.readouterr().out)
-        assert report["max_abs_diff"] <= 1e-5
-        assert report["speed"]["masked_s"] > 0 and report["speed"]["compact_s"] > 0
-        assert report["params_after"] < report["params_before"] or \
-            report["widths_after"] == report["widths_before"]
+def test_resume_accepts_the_original_commands_flags(trained, images, tmp_path, capsys):
+    """The original command repeated with --resume (and more --steps) continues the run."""
+    run = _copy(trained, tmp_path)
+    assert main(["train", "--data", str(images), "--steps", "25", "--out", str(run), *TRAIN,
+                 "--resume"]) == 0
+    assert "steps: 25" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_changed_flag_naming_both_values(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
+    assert main(["train", "--out", str(run), "--resume", "--lr", "0.01", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr: cannot be changed when resuming (the run has 0.003, given 0.01)" in err
+    assert main(["train", "--out", str(run), "--resume", "--task-param", "normalize=max"]) == 2
+    assert "--task-param: cannot be changed" in capsys.readouterr().err
+
+
+def test_minimize_writes_results_and_info_serves_the_minimized_network(minimized, capsys):
+    """The seeded seq minimization at threshold 0.5: 4 mask decisions, then the layer sweep
+    removes layer 1 (kept) and fails on layer 2, leaving layer 2's third mask alone."""
+    summary = json.loads((minimized / "minimize" / "summary.json").read_text())
+    assert (summary["decisions"], summary["kept"]) == (6, 5)
+    assert summary["widths_after"] == [1, 1] and summary["parameters_after"] == 20
+    assert summary["mask_matrix"] == [[False] * 3, [False, False, True], [True]]
+    assert main(["info", str(minimized)]) == 0
+    text = capsys.readouterr().out
+    assert "(minimized network)" in text and "masks per layer  3/3/1 -> 1/1 " in text
+
+
+@pytest.mark.parametrize("fmt, ext", [("torch", "pt"), ("onnx", "onnx")])
+def test_export_writes_the_compact_network(minimized, tmp_path, capsys, fmt, ext):
+    assert main(["export", str(minimized), "--format", fmt, "--out", str(tmp_path / f"m.{ext}"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_abs_diff"] <= 1e-5
+    assert report["speed"]["masked_s"] > 0 and report["speed"]["compact_s"] > 0
+    assert report["widths_after"] == [1, 1] and report["params_after"] == 10 + 10
+
+
+def test_predict_takes_a_compact_model_file(minimized, images, tmp_path):
+    assert main(["export", str(minimized), "--out", str(tmp_path / "m.pt")]) == 0
     assert main(["predict", str(tmp_path / "m.pt"), str(images / "im0.png"),
-                 "--out", str(tmp_path / "pred2")]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "pred2/im0.png")).shape, (36, 40))
+                 "--out", str(tmp_path / "pred")]) == 0
+    assert np.asarray(Image.open(tmp_path / "pred/im0.png")).shape == (36, 40)
+
+
+def test_minimize_resume_with_nothing_saved_starts_from_the_beginning(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
+    assert main(["minimize", str(run), "--resume", "--strategy", "seq", "--max-steps", "1",
+                 "--retrain-steps", "2", "--quiet"]) == 0
+    assert "no minimization was saved" in capsys.readouterr().err
+    assert json.loads((run / "minimize/summary.json").read_text())["decisions"] == 1
+
+
+@pytest.mark.parametrize("argv, imports", [(["info"], False), (["evaluate"], False),
+                                           (["minimize", "--max-steps", "0"], True)])
+def test_only_minimizing_commands_import_the_minimize_package(trained, tmp_path, argv, imports):
+    """evaluate, predict, info and export reach a run's networks without selfscale.minimize."""
+    run = _copy(trained, tmp_path)
+    code = ("import sys; from selfscale.cli import main; "
+            f"main({[argv[0], str(run), *argv[1:], '--quiet'][:None if imports else 2]!r}); "
+            "print('selfscale.minimize' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(imports)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -213,3 +289,23 @@ def test_resume_and_output_path_errors(images, tmp_path, capsys):
     (run / "minimize" / "final.pt").unlink()
     assert main(["evaluate", str(run)]) == 2
     assert "has not finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, classes", [
+    ("train", ("DataConfig", "TaskConfig", "ModelConfig", "TrainConfig")),
+    ("minimize", ("MinimizeConfig",)), ("demo", ("DemoConfig",))])
+def test_flags_are_generated_from_every_documented_config_field(command, classes, capsys):
+    """Each field whose docstring names a flag is an option of the subcommand, with that text."""
+    import selfscale.config
+    import selfscale.demo
+    from selfscale.config import field_docs, flag_help
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in classes:
+        cls = getattr(selfscale.config, name, None) or getattr(selfscale.demo, name)
+        for doc in field_docs(cls).values():
+            flag, help_ = flag_help(doc)
+            if flag is not None:
+                assert flag in text and help_[:30] in text, (name, flag)

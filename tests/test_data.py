@@ -1,4 +1,5 @@
-"""Tests of selfscale.data: building cached data sets, skipping bad files, splits, crops, batches."""
+"""Tests of selfscale.data, .cache and .crops: building cached data sets, skipping bad files,
+splits, crops, batches."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfscale import data as data_mod
+from selfscale import cache as cache_mod
+from selfscale.cache import CACHE_FORMAT, cache_folder
 from selfscale.config import DataConfig
-from selfscale.data import (BUNDLED_EVAL, BUNDLED_TRAIN, CACHE_FORMAT, ImageSet,
-                            SkippedImagesWarning, bundled_image_paths, cache_folder,
-                            center_crops, load_datasets, load_eval_set, sample_batch,
-                            split_by_file)
-from selfscale.errors import DataError
+from selfscale.crops import center_crops, require_crop_fits, sample_batch
+from selfscale.data import (BUNDLED_EVAL, BUNDLED_TRAIN, ImageSet, SkippedImagesWarning,
+                            bundled_image_paths, load_datasets, load_eval_set, split_by_file)
+from selfscale.errors import ConfigError, DataError
 from selfscale.images import load_gray
 from selfscale.tasks import get_task, make_target, resolve_params
 
@@ -212,12 +213,12 @@ def test_killed_write_leaves_no_entry(tmp_path, image_folder, monkeypatch):
         fh.write(b"\x93NUMPY partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_mod.np, "save", half_then_die)
+    monkeypatch.setattr(cache_mod.np, "save", half_then_die)
     with pytest.raises(KeyboardInterrupt):
         load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS)
     folder = tmp_path / "cache" / f"arrays-v{CACHE_FORMAT}"
     assert list(folder.iterdir()) == []
-    monkeypatch.setattr(data_mod.np, "save", real_save)
+    monkeypatch.setattr(cache_mod.np, "save", real_save)
     assert load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS).report.cache_hits == 0
 
 
@@ -228,7 +229,7 @@ def test_stale_temp_files_are_removed(tmp_path, image_folder):
     old, fresh = folder / ".abc.1.x.tmp", folder / ".def.2.y.tmp"
     old.write_bytes(b"x")
     fresh.write_bytes(b"x")
-    past = time.time() - 2 * data_mod.STALE_TEMP_SECONDS
+    past = time.time() - 2 * cache_mod.STALE_TEMP_SECONDS
     os.utime(old, (past, past))
     load_datasets(cfg(tmp_path, data=image_folder), SOBEL, SOBEL_PARAMS)
     assert not old.exists() and fresh.exists()
@@ -300,15 +301,23 @@ def test_pairs_reads_targets_by_relative_path_and_stem(tmp_path, image_folder):
 
 
 def test_pairs_without_targets_is_an_error(tmp_path, image_folder):
-    """Task pairs needs --data and --targets; bundled data has no targets."""
+    """Task pairs needs --targets, then --data (bundled data has no targets), then
+    --eval-targets with --eval-data: ConfigErrors, raised before any folder is read."""
     pairs = get_task("pairs")
-    with pytest.raises(DataError, match="^--targets: task 'pairs' needs"):
+    needs_targets = "^--targets: task 'pairs' needs a folder of target images$"
+    with pytest.raises(ConfigError, match=needs_targets):
         load_datasets(cfg(tmp_path, data=image_folder), pairs, {})
-    with pytest.raises(DataError, match="^--data: task 'pairs' needs --data and --targets"):
+    with pytest.raises(ConfigError, match=needs_targets):
         load_datasets(cfg(tmp_path), pairs, {})
+    with pytest.raises(ConfigError, match=needs_targets):
+        load_eval_set(tmp_path / "nowhere", cfg(tmp_path), pairs, {})
+    with pytest.raises(ConfigError, match="^--data: task 'pairs' needs --data and --targets"):
+        load_datasets(cfg(tmp_path, targets=image_folder), pairs, {})
+    with pytest.raises(ConfigError, match="^--data: task 'pairs' needs --data and --targets"):
+        load_eval_set(None, cfg(tmp_path), pairs, {}, targets=image_folder)
     with pytest.raises(DataError, match="^--targets: target folder not found: .*nowhere"):
         load_datasets(cfg(tmp_path, data=image_folder, targets=tmp_path / "nowhere"), pairs, {})
-    with pytest.raises(DataError, match="^--eval-targets: task 'pairs' with --eval-data needs"):
+    with pytest.raises(ConfigError, match="^--eval-targets: task 'pairs' with --eval-data needs"):
         load_datasets(cfg(tmp_path, data=image_folder, targets=image_folder,
                           eval_data=image_folder), pairs, {})
 
@@ -362,6 +371,19 @@ def test_crop_larger_than_image_is_rejected():
         center_crops(_toy_set(), 26)
     with pytest.raises(ValueError, match="empty"):
         sample_batch(ImageSet([], [], []), np.random.default_rng(0), 1, 8, False)
+
+
+def test_require_crop_fits_counts_and_names_the_first_too_small():
+    """Silent when every image fits; else a ConfigError naming --crop, the count and the first
+    image that is too small, as H×W."""
+    images = _toy_set()  # a: 30×40, b: 25×21
+    require_crop_fits(images, 21)
+    with pytest.raises(ConfigError, match=r"^--crop: 22 does not fit 1 eval image\(s\), e\.g\. b "
+                                          r"\(25×21\); use a smaller --crop or --full$"):
+        require_crop_fits(images, 22)
+    with pytest.raises(ConfigError, match=r"^--crop: 31 does not fit 2 eval image\(s\), e\.g\. a "
+                                          r"\(30×40\)"):
+        require_crop_fits(images, 31)
 
 
 def test_center_crops_position():

@@ -3,10 +3,8 @@ removal, exact resume of a killed minimization, result files."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from selfscale.checkpoint import load_state
 from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig, TaskConfig,
@@ -15,36 +13,34 @@ from selfscale.errors import ConfigError
 from selfscale.minimize import loop
 from selfscale.minimize.alter import prunable_masks, remove_hidden_layer
 from selfscale.minimize.loop import minimize, ratio, start
-from selfscale.minimize.session import load_network, minimize_run
-from selfscale.run import start_run, train_run
+from selfscale.minimize.session import minimize_run as _minimize_run
+from selfscale.run import load_network, load_run, prepare_data, start_run, train_run
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, rect_folder):
     """A small sobel run (widths 3,3,1; kernel 3) trained 200 steps on six synthetic images."""
     root = tmp_path_factory.mktemp("mini")
-    imgs = root / "imgs"
-    imgs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        img = np.zeros((40, 44), np.float32)
-        y, x = rng.integers(3, 20, size=2)
-        img[y:y + 15, x:x + 17] = 0.9
-        Image.fromarray((img * 255).astype(np.uint8)).save(imgs / f"im{i}.png")
+    imgs = rect_folder("mini-imgs", 6, (40, 44), seed=0, corner=(3, 20), size=(15, 17), level=0.9)
     cfg = RunConfig(
         data=DataConfig(data=imgs, crop=32, batch=2, eval_fraction=0.34, cache_dir=root / "c"),
         task=TaskConfig(name="sobel"),
         model=ModelConfig(widths=(3, 3, 1), kernel=3, init_std=0.1),
         train=TrainConfig(steps=200, eval_every=100, lr=0.003, seed=0, device="cpu", threads=1))
-    run = train_run(start_run(cfg, root / "base"))
+    run = start_run(cfg, root / "base")
+    train_run(run, prepare_data(run.config))
     return run, root
 
 
 def _env(run):
-    from selfscale.minimize.session import train_env
-    from selfscale.run import prepare_data
+    """(spec, data): what the loop retrains and evaluates with."""
+    return run.spec(), prepare_data(run.config)
 
-    return train_env(run, prepare_data(run.config))
+
+def minimize_run(path, config, **kw):
+    """The minimize command's path: load the run and its data once, then minimize."""
+    run = load_run(kw["out"] if kw.get("resume") and kw.get("out") else path)
+    return _minimize_run(run, prepare_data(run.config), config, **kw)
 
 
 def _scripted(monkeypatch, scores):
@@ -52,7 +48,7 @@ def _scripted(monkeypatch, scores):
     seen = []
     it = iter(scores)
 
-    def fake_retrain(state, steps, env):
+    def fake_retrain(state, steps, spec, data):
         seen.append({"adam_state": len(state.optimizer.state),
                      "active": state.model.active_widths(),
                      "widths": state.model.widths})
@@ -77,11 +73,11 @@ def test_keep_and_step_back_by_threshold(trained, monkeypatch):
     """seq with scripted score ratios: kept iff ratio >= 0.95; every trial has a fresh Adam."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95, layers=False), env)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95, layers=False), *env)
     base = m.reference
     # seq visits (0,0) (0,1) (0,2) (1,0) (1,1) (1,2); scores relative to the base score
     seen = _scripted(monkeypatch, [base * r for r in (0.99, 0.5, 0.97, 0.94, 0.96, 0.2)])
-    minimize(m, env)
+    minimize(m, *env)
     kept = [d["kept"] for d in m.log]
     assert kept == [True, False, True, False, True, False]
     tried = [d["tried"] for d in m.log]
@@ -97,9 +93,9 @@ def test_seq_never_disables_the_last_mask_of_a_layer(trained, monkeypatch):
     """With every change accepted, seq leaves exactly one mask per hidden layer."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False), env)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False), *env)
     _scripted(monkeypatch, [m.reference] * 10)
-    minimize(m, env)
+    minimize(m, *env)
     assert m.current.model.active_widths() == (1, 1, 1)
     assert len(m.log) == 4  # 2 per hidden layer; the output layer is never touched
     assert prunable_masks(m.current.model) == []
@@ -109,9 +105,9 @@ def test_cosmax_stops_after_two_consecutive_failures(trained, monkeypatch):
     """Thesis 4.3: cosmax tries the 1st, then the 2nd ranked, and stops after two failures."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="cosmax", threshold=0.95, layers=False), env)
+    m = start(run.state, MinimizeConfig(strategy="cosmax", threshold=0.95, layers=False), *env)
     _scripted(monkeypatch, [m.reference * r for r in (1.0, 0.1, 0.1, 1.0)])
-    minimize(m, env)
+    minimize(m, *env)
     assert [d["kept"] for d in m.log] == [True, False, False]
     assert m.log[1]["tried"] != m.log[2]["tried"]
 
@@ -121,9 +117,9 @@ def test_random_stops_after_its_step_budget(trained, monkeypatch):
     run, _ = trained
     env = _env(run)
     m = start(run.state, MinimizeConfig(strategy="random", threshold=0.95, layers=False,
-                                        random_steps=3), env)
+                                        random_steps=3), *env)
     _scripted(monkeypatch, [m.reference * 0.1] * 10)
-    minimize(m, env)
+    minimize(m, *env)
     assert len(m.log) == 3 and not any(d["kept"] for d in m.log)
     assert m.current.model.active_widths() == (3, 3, 1)
 
@@ -132,9 +128,9 @@ def test_max_steps_budget(trained, monkeypatch):
     """--max-steps caps the decisions of every phase together."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, max_steps=2), env)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, max_steps=2), *env)
     _scripted(monkeypatch, [m.reference] * 10)
-    minimize(m, env)
+    minimize(m, *env)
     assert len(m.log) == 2
 
 
@@ -144,10 +140,10 @@ def test_reference_previous_compounds_and_base_does_not(trained, monkeypatch):
     env = _env(run)
     for reference, expect in (("previous", [True, True, True]), ("base", [True, False, False])):
         m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95, layers=False,
-                                            reference=reference, max_steps=3), env)
+                                            reference=reference, max_steps=3), *env)
         base = m.reference
         _scripted(monkeypatch, [base * 0.96, base * 0.96 * 0.96, base * 0.96 ** 3])
-        minimize(m, env)
+        minimize(m, *env)
         assert [d["kept"] for d in m.log] == expect, reference
 
 
@@ -158,11 +154,11 @@ def test_disabled_frozen_mask_stays_unchanged_while_others_train(trained):
 
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", layers=False), env)
+    m = start(run.state, MinimizeConfig(strategy="seq", layers=False), *env)
     before = {k: v.clone() for k, v in m.current.model.state_dict().items()}
-    trial = loop.alter(m, Candidate("mask", 0, 0), env)
+    trial = loop.alter(m, Candidate("mask", 0, 0), env[0])
     assert len(trial.optimizer.state) == 0
-    loop.retrain(trial, 20, env)
+    loop.retrain(trial, 20, *env)
     after = trial.model.state_dict()
     assert trial.model.enabled_masks()[0][0] is False and trial.model.frozen_masks()[0][0]
     assert torch.equal(after["layers.0.weight"][0], before["layers.0.weight"][0])
@@ -192,12 +188,12 @@ def test_layer_phase_after_masks(trained, monkeypatch):
     """After the strategy stops, hidden layers are tried, fewest active masks first."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95), env)
+    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95), *env)
     base = m.reference
     # masks (seq): keep (0,0), fail four, keep (1,2) → active 2/2/1
     # layers: tie at 2 masks → layer 1 first: kept → widths (2, 1); then layer 2: fails
     seen = _scripted(monkeypatch, [base, 0.1, 0.1, 0.1, 0.1, base, base, 0.1])
-    minimize(m, env)
+    minimize(m, *env)
     layer_rows = [d for d in m.log if d["phase"] == "layers"]
     assert [d["tried"] for d in layer_rows][0] == "layer 1"
     assert layer_rows[0]["kept"]
@@ -221,11 +217,11 @@ def test_killed_minimization_resumes_exactly(trained, tmp_path):
     calls = {"n": 0}
     real_retrain = loop.retrain
 
-    def dying(state, steps, env):
+    def dying(state, steps, spec, data):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_retrain(state, steps, env)
+        return real_retrain(state, steps, spec, data)
 
     loop.retrain = dying
     try:
@@ -277,10 +273,10 @@ def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch
     env = _env(run)
     for mode in ("disabled", "others-frozen"):
         m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False,
-                                            mode=mode), env)
+                                            mode=mode), *env)
         frozen_seen = []
 
-        def fake(state, steps, env, frozen_seen=frozen_seen, m=m):
+        def fake(state, steps, spec, data, frozen_seen=frozen_seen, m=m):
             frozen_seen.append(sum(sum(f) for f in state.model.frozen_masks()))
             zeroed = [bool((layer.weight.abs().sum(dim=(1, 2, 3)) == 0).any())
                       for layer in state.model.layers]
@@ -290,7 +286,7 @@ def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch
             return state.history[-1]
 
         monkeypatch.setattr(loop, "retrain", fake)
-        minimize(m, env)
+        minimize(m, *env)
         assert len(m.log) == 6 and all(d["kept"] for d in m.log)
         assert m.current.model.active_widths() == (3, 3, 1)
         assert sum(sum(f) for f in m.current.model.frozen_masks()) == 0

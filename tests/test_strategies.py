@@ -1,7 +1,10 @@
 """Selection strategies: the ranking functions against independent computations, the proposal
-rules (ranked, random, seq, oracle), the exclusions, and an exact resume from state_dict."""
+rules (ranked, random, seq, oracle), the exclusions, the registry, the candidate's plain form,
+and an exact resume from state_dict."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import cdist
 
+from selfscale.checkpoint import load_state, save_state
+from selfscale.config import MinimizeConfig
 from selfscale.errors import ConfigError
-from selfscale.minimize.proposal import (STRATEGIES, Candidate, SelectionContext,
-                                         StrategyOptions, make_strategy)
-from selfscale.minimize.strategies import (REDUCTIONS, cos_scores, cosine_matrix, fpgm_scores,
-                                           l1_scores, mask_vectors, taylor_scores)
+from selfscale.minimize.proposal import Candidate, SelectionContext
+from selfscale.minimize.strategies import (COSINE_STRATEGIES, REDUCTIONS, STRATEGIES, cos_scores,
+                                           cosine_matrix, fpgm_scores, l1_scores, make_strategy,
+                                           mask_vectors, taylor_scores)
 from selfscale.model import FCN
 
 COS_NAMES = [f"cos{r}{suffix}" for r in REDUCTIONS for suffix in ("", "-abs")]
@@ -38,8 +43,9 @@ def make_ctx(model, *, failed=(), step=0, seed=0, trial=None, x=None, y=None):
         g = torch.Generator().manual_seed(123)
         x = torch.rand(2, model.in_channels, 6, 6, generator=g)
         y = torch.rand(2, 1, 6, 6, generator=g)
-    return SelectionContext(model=model, prunable=prunable(model), failed=set(failed), step=step,
-                            rng=np.random.default_rng(seed), batches=lambda: iter([(x, y)]),
+    return SelectionContext(model=model, prunable=prunable(model), failed=frozenset(failed),
+                            step=step, rng=np.random.default_rng(seed),
+                            batches=lambda: iter([(x, y)]),
                             loss_fn=lambda o, t: (o - t).abs().mean(), trial=trial)
 
 
@@ -71,12 +77,52 @@ def np_cos(a):
 # --- ranking functions ----------------------------------------------------------------------------
 
 def test_registered_names():
-    """Every strategy of the brief is registered under its name."""
-    import selfscale.minimize.strategies  # noqa: F401
-
+    """Every strategy of the brief is registered under its name, which the class carries."""
     assert sorted(STRATEGIES) == ALL_NAMES
     for name in ALL_NAMES:
         assert make_strategy(name).name == name
+
+
+def test_registry_is_full_after_importing_only_the_strategies_module():
+    """A fresh interpreter that imports only selfscale.minimize.strategies sees all 16."""
+    code = ("import selfscale.minimize.strategies as s; "
+            "print(','.join(sorted(s.STRATEGIES)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().split(",") == ALL_NAMES
+
+
+def test_cosine_table_gives_each_variant_its_reduction():
+    """cos<reduce> and cos<reduce>-abs for every reduction, with the matching settings."""
+    assert sorted(COSINE_STRATEGIES) == sorted(COS_NAMES)
+    for reduce in REDUCTIONS:
+        for suffix, absolute in (("", False), ("-abs", True)):
+            strategy = make_strategy(f"cos{reduce}{suffix}")
+            assert (strategy.reduce, strategy.absolute, strategy.highest_first) == (
+                reduce, absolute, True)
+
+
+def test_candidate_describe_and_plain_round_trip(tmp_path):
+    """1-based text; to_plain/from_plain round-trip through JSON and a saved state file."""
+    candidates = [Candidate("mask", 1, 2), Candidate("layer", 0)]
+    assert [c.describe() for c in candidates] == ["layer 2 mask 3", "layer 1"]
+    assert [c.to_plain() for c in candidates] == [["mask", 1, 2], ["layer", 0, None]]
+    plain = json.loads(json.dumps([c.to_plain() for c in candidates]))
+    assert [Candidate.from_plain(item) for item in plain] == candidates
+    save_state(tmp_path / "s.pt", {"failed": [c.to_plain() for c in candidates]})
+    loaded = load_state(tmp_path / "s.pt")["failed"]
+    assert [Candidate.from_plain(item) for item in loaded] == candidates
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"patience": 0}, "--patience: must be a positive integer, got 0"),
+    ({"patience": True}, "--patience: must be a positive integer, got True"),
+    ({"random_steps": 0}, "--random-steps: must be a positive integer, got 0"),
+    ({"oracle_steps": -1}, "--oracle-steps: must be a non-negative integer, got -1"),
+])
+def test_strategy_options_are_validated_by_the_config(kw, message):
+    """patience, random_steps and oracle_steps are checked by MinimizeConfig, naming the flag."""
+    with pytest.raises(ConfigError, match=message):
+        MinimizeConfig(**kw)
 
 
 def test_unknown_strategy_lists_names():
@@ -285,22 +331,23 @@ def test_every_strategy_proposes_only_prunable(name):
     ctx = make_ctx(model, trial=lambda c: float(c.layer * 10 + c.mask))
     allowed = set(prunable(model))
     assert allowed == {(0, 0), (0, 2), (0, 3), (2, 0), (2, 1), (2, 2)}
-    strategy = make_strategy(name, StrategyOptions(patience=10, max_steps=100))
+    strategy = make_strategy(name, MinimizeConfig(patience=10, random_steps=100))
     seen = []
     for step in range(len(allowed)):
-        ctx.step, ctx.failed = step, {M(*k) for k in seen}
+        ctx.step, ctx.failed = step, frozenset(M(*k) for k in seen)
         c = strategy.propose(ctx)
         assert c is not None and (c.layer, c.mask) in allowed and (c.layer, c.mask) not in seen
         seen.append((c.layer, c.mask))
         strategy.update(c, kept=False)
         if name == "oracle":
             break
-    ctx.failed = {M(*k) for k in seen}
+    ctx.failed = frozenset(M(*k) for k in seen)
     assert strategy.propose(ctx) is None  # nothing open (or oracle's single failure)
 
 
 def test_ranked_base_patience_and_failed_exclusion():
-    """1st ranked; after one step-back the 2nd; stop after `patience` step-backs; reset on keep."""
+    """1st ranked; after one step-back the 2nd; stop after `patience` step-backs (the size of
+    ctx.failed); after a keep (ctx.failed empty) the ranking starts over."""
     model = FCN((4, 2, 1), 1)
     with torch.no_grad():
         for m, scale in enumerate([0.4, 0.1, 0.3, 0.2]):  # l1 order: (0,1) (0,3) (0,2) (0,0)
@@ -308,20 +355,17 @@ def test_ranked_base_patience_and_failed_exclusion():
         model.layers[1].weight.fill_(1.0)
     strategy = make_strategy("l1")  # patience 2
     assert strategy.propose(make_ctx(model)) == M(0, 1)
-    strategy.update(M(0, 1), kept=False)
-    # Excluded even if the loop's ctx.failed were empty; the 2nd ranked comes next.
-    assert strategy.propose(make_ctx(model)) == M(0, 3)
     assert strategy.propose(make_ctx(model, failed=[M(0, 1)])) == M(0, 3)
-    strategy.update(M(0, 3), kept=False)
     assert strategy.propose(make_ctx(model, failed=[M(0, 1), M(0, 3)])) is None
 
-    patient = make_strategy("l1", StrategyOptions(patience=3))
+    patient = make_strategy("l1", MinimizeConfig(patience=3))
+    failed = []
     for c in (M(0, 1), M(0, 3)):
-        assert patient.propose(make_ctx(model, failed=patient.failed)) == c
-        patient.update(c, kept=False)
-    assert patient.propose(make_ctx(model, failed=patient.failed)) == M(0, 2)
-    patient.update(M(0, 2), kept=True)
-    model.layers[0].enabled[2] = False
+        assert patient.propose(make_ctx(model, failed=failed)) == c
+        failed.append(c)
+    assert patient.propose(make_ctx(model, failed=failed)) == M(0, 2)
+    assert patient.propose(make_ctx(model, failed=[*failed, M(0, 2)])) is None
+    model.layers[0].enabled[2] = False  # (0, 2) kept
     # After a keep the stepped-back candidates are open again, ranked on the new network.
     assert patient.propose(make_ctx(model)) == M(0, 1)
 
@@ -337,15 +381,18 @@ def test_seq_order_and_stop_after_last():
     """Seq visits every prunable mask once in (layer, mask) order, then stops."""
     model = random_model((3, 2, 1), kernel=1)
     strategy = make_strategy("seq")
-    visited = []
+    visited, failed = [], []
     for kept in [True, False, False, True, True]:
-        c = strategy.propose(make_ctx(model, failed=[]))
+        c = strategy.propose(make_ctx(model, failed=failed))
         if c is None:
             break
         visited.append((c.layer, c.mask))
         strategy.update(c, kept)
         if kept:
             model.layers[c.layer].enabled[c.mask] = False
+            failed = []
+        else:
+            failed.append(c)
     # (0,0) kept; (0,1) failed; (0,2) failed; (1,0) kept → (1,1) is then the last enabled mask.
     assert visited == [(0, 0), (0, 1), (0, 2), (1, 0)]
     assert strategy.propose(make_ctx(model)) is None
@@ -356,7 +403,7 @@ def test_random_reproducible_and_stops_after_max_steps():
     def draws(seed):
         model = random_model((6, 6, 1), kernel=1)
         ctx = make_ctx(model, seed=seed)
-        strategy = make_strategy("random", StrategyOptions(max_steps=5))
+        strategy = make_strategy("random", MinimizeConfig(random_steps=5))
         out = []
         while (c := strategy.propose(ctx)) is not None:
             out.append((c.layer, c.mask))
@@ -406,7 +453,7 @@ def test_state_dict_round_trip(name):
     """A strategy restored from its (JSON-able) state proposes exactly what the original would."""
     model = random_model((5, 4, 1), kernel=3, seed=13)
     trial = lambda c: float(np.sin(c.layer * 7 + c.mask))  # noqa: E731
-    options = StrategyOptions(patience=3, max_steps=6)
+    options = MinimizeConfig(patience=3, random_steps=6)
     original = make_strategy(name, options)
     failed = []
     ctx = make_ctx(model, trial=trial, seed=21)
@@ -418,9 +465,10 @@ def test_state_dict_round_trip(name):
             failed = []
         else:
             failed.append(c)
-        ctx.prunable, ctx.failed, ctx.step = prunable(model), set(failed), ctx.step + 1
+        ctx.prunable, ctx.failed, ctx.step = prunable(model), frozenset(failed), ctx.step + 1
 
     state = json.loads(json.dumps(original.state_dict()))
+    assert "failed" not in state  # the loop keeps the one list of stepped-back candidates
     restored = make_strategy(name, options)
     restored.load_state_dict(state)
     rng_state = ctx.rng.bit_generator.state
@@ -428,8 +476,8 @@ def test_state_dict_round_trip(name):
     ctx.rng.bit_generator.state = rng_state
     assert restored.propose(ctx) == expected
     assert expected is not None
-    # The strategy also forgets nothing: stepped back candidates stay excluded after restore.
-    ctx.failed = set()
+    # The same in another context too (here: after a keep, nothing stepped back).
+    ctx.failed = frozenset()
     ctx.rng.bit_generator.state = rng_state
     a = original.propose(ctx)
     ctx.rng.bit_generator.state = rng_state

@@ -1,28 +1,24 @@
 """Training: determinism by seed, exact resume after a kill, evaluation, dead-init revival."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from selfscale.checkpoint import load_state
 from selfscale.config import DataConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig
-from selfscale.run import load_run, start_run, train_run
+from selfscale.run import load_run, prepare_data, start_run, train_run
 from selfscale.train import TrainHooks, evaluate, revive_dead_init
 
 
+
+def _train(run, hooks=None):
+    return train_run(run, prepare_data(run.config), hooks=hooks)
+
+
 @pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
+def image_dir(rect_folder):
     """Six 48×56 grayscale images with rectangles and gradients."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        img = np.zeros((48, 56), np.float32)
-        y, x = rng.integers(4, 30, size=2)
-        img[y:y + 14, x:x + 18] = 0.8
-        img += np.linspace(0, 0.2, 56)[None, :]
-        Image.fromarray((img * 255).astype(np.uint8)).save(root / f"im{i}.png")
-    return root
+    return rect_folder("imgs", 6, (48, 56), seed=0, corner=(4, 30), size=(14, 18), level=0.8,
+                       ramp=0.2)
 
 
 def _config(image_dir, cache, steps=30, seed=0, task="sobel"):
@@ -44,19 +40,19 @@ def _scores(history):
 
 def test_same_seed_gives_bit_identical_weights(image_dir, tmp_path):
     """Two runs with the same seed and threads end with identical weights and Adam state."""
-    a = train_run(start_run(_config(image_dir, tmp_path / "c"), tmp_path / "a"))
-    b = train_run(start_run(_config(image_dir, tmp_path / "c"), tmp_path / "b"))
+    a = _train(start_run(_config(image_dir, tmp_path / "c"), tmp_path / "a"))
+    b = _train(start_run(_config(image_dir, tmp_path / "c"), tmp_path / "b"))
     sa, sb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
     assert _scores(a.state.history) == _scores(b.state.history)
-    c = train_run(start_run(_config(image_dir, tmp_path / "c", seed=1), tmp_path / "d"))
+    c = _train(start_run(_config(image_dir, tmp_path / "c", seed=1), tmp_path / "d"))
     assert not torch.equal(c.state.model.layers[0].weight, a.state.model.layers[0].weight)
 
 
 def test_training_lowers_the_loss(image_dir, tmp_path):
     """300 steps of Sobel on rectangles raise F1 clearly above its value at step 10."""
-    run = train_run(start_run(_config(image_dir, tmp_path / "c", steps=300), tmp_path / "r"))
+    run = _train(start_run(_config(image_dir, tmp_path / "c", steps=300), tmp_path / "r"))
     f1 = [r["f1"] for r in run.state.history]
     assert f1[-1] > f1[0] + 0.05
     assert [r["step"] for r in run.state.history] == list(range(10, 301, 10))
@@ -68,7 +64,7 @@ class _Kill(Exception):
 
 def test_killed_run_resumes_bit_identical(image_dir, tmp_path):
     """Kill at step 25 (last checkpoint at 20), resume to 40: same weights, Adam, RNG, scores."""
-    full = train_run(start_run(_config(image_dir, tmp_path / "c", steps=40), tmp_path / "full"))
+    full = _train(start_run(_config(image_dir, tmp_path / "c", steps=40), tmp_path / "full"))
 
     def kill(step, loss):
         if step == 25:
@@ -76,12 +72,12 @@ def test_killed_run_resumes_bit_identical(image_dir, tmp_path):
 
     run = start_run(_config(image_dir, tmp_path / "c", steps=40), tmp_path / "part")
     with pytest.raises(_Kill):
-        train_run(run, hooks=TrainHooks(on_step=kill))
+        _train(run, hooks=TrainHooks(on_step=kill))
     moved = tmp_path / "moved"
     (tmp_path / "part").rename(moved)  # a run directory can be moved before it is resumed
     again = load_run(moved)
     assert again.state.step == 20
-    train_run(again)
+    _train(again)
     a, b = _weights(tmp_path / "full"), _weights(moved)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -94,7 +90,7 @@ def test_killed_run_resumes_bit_identical(image_dir, tmp_path):
 
 def test_evaluate_matches_metric_functions(image_dir, tmp_path):
     """evaluate() is the per-image metric mean over centre crops of the eval set."""
-    from selfscale.data import center_crops
+    from selfscale.crops import center_crops
     from selfscale.metrics import f1_score, uiqi
     from selfscale.run import prepare_data
 

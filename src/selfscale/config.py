@@ -40,7 +40,7 @@ def _path_or_none(value: Any, flag: str) -> Path | None:
     return Path(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are cut into network inputs."""
 
@@ -72,7 +72,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("data", "eval_data", "targets", "eval_targets", "cache_dir"):
-            setattr(self, name, _path_or_none(getattr(self, name), "--" + name.replace("_", "-")))
+            object.__setattr__(self, name, _path_or_none(getattr(self, name),
+                                                         "--" + name.replace("_", "-")))
         _check(isinstance(self.flips, bool), "--flips", self.flips, "must be true or false")
         _check(_int(self.crop) and 8 <= self.crop <= 8192, "--crop", self.crop,
                "must be an integer between 8 and 8192")
@@ -96,7 +97,7 @@ class DataConfig:
         return self.crop if self.train_crop is None else self.train_crop
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     """Which operator the network learns, with every parameter of that operator."""
 
@@ -111,7 +112,7 @@ class TaskConfig:
         _check(isinstance(self.params, dict), "--task-param", self.params, "must be KEY=VALUE pairs")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The fully convolutional network: widths per layer, kernel size, initialization."""
 
@@ -127,7 +128,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.widths, (list, tuple)), "--widths", self.widths,
                "must be a list of integers such as [5, 5, 1]")
-        self.widths = tuple(self.widths)
+        object.__setattr__(self, "widths", tuple(self.widths))
         _check(len(self.widths) >= 1 and all(_int(w) and 1 <= w <= 4096
                                              for w in self.widths),
                "--widths", ",".join(map(str, self.widths)),
@@ -142,7 +143,7 @@ class ModelConfig:
                self.init_std, "must be a positive number below 10")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The optimizer, the length of training and how often it is evaluated."""
 
@@ -185,7 +186,7 @@ class TrainConfig:
                "--checkpoint-every", self.checkpoint_every, "must be a non-negative integer")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a training run; stored in the run directory."""
 
@@ -232,6 +233,61 @@ class RunConfig:
             except TypeError as exc:  # pragma: no cover - defensive, dataclass signature errors
                 raise ConfigError(f"config: [{name}]: {exc}") from None
         return cls(**built)
+
+
+def merge_sections(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Two-level dicts ``{section: {key: value}}`` merged left to right (later layers win);
+    nested ``params`` tables are merged key by key too. A section that is not a table is a
+    ConfigError."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config: {section!r} must be a table like [{section}]")
+            merged = out.setdefault(section, {})
+            for key, value in values.items():
+                if key == "params" and isinstance(value, dict):
+                    value = {**merged.get("params", {}), **value}
+                merged[key] = value
+    return out
+
+
+def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, str, Any, Any]]:
+    """``(section, field, value in a, value in b)`` for every field where two configs differ."""
+    return [(sec.name, f.name, getattr(getattr(a, sec.name), f.name),
+             getattr(getattr(b, sec.name), f.name))
+            for sec in dataclasses.fields(a)
+            for f in dataclasses.fields(getattr(a, sec.name))
+            if getattr(getattr(a, sec.name), f.name) != getattr(getattr(b, sec.name), f.name)]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal right below the field), whitespace
+    collapsed. They are the single source of the CLI's help texts."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {node.target.id: " ".join(nxt.value.value.split())
+            for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)}
+
+
+def flag_help(doc: str) -> tuple[str | None, str]:
+    """``"--crop: side of …"`` → ``("--crop", "side of …")``; a docstring that names no flag
+    (a field the CLI does not set) → ``(None, doc)``. ``--a/--no-a: …`` names ``--a``."""
+    head, sep, rest = doc.partition(": ")
+    if not sep or not head.startswith("--") or " " in head:
+        return None, doc
+    return head.split("/")[0], rest
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The CLI flag of field ``name`` of config class ``cls`` (``--name`` when it has none)."""
+    return flag_help(field_docs(cls).get(name, ""))[0] or "--" + name.replace("_", "-")
 
 
 def _plain(value: Any) -> Any:
@@ -301,9 +357,12 @@ def load_toml(path: Path) -> dict[str, Any]:
 MODES = ("disabled-frozen", "disabled", "others-frozen")
 REFERENCES = ("base", "previous")
 SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
+CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--mode": MODES, "--reference": REFERENCES,
+           "--metric": SCORE_METRICS}
+"""The allowed values of the flags that take one of a few names."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class MinimizeConfig:
     """The minimization process (thesis 2.4.2): what is tried, how long, and what counts as ok."""
 
@@ -352,6 +411,12 @@ class MinimizeConfig:
                    self.max_steps, "must be a non-negative integer")
         _check(self.metric in SCORE_METRICS, "--metric", self.metric,
                f"must be one of {', '.join(SCORE_METRICS)}")
+        _check(_int(self.patience) and self.patience >= 1, "--patience", self.patience,
+               "must be a positive integer")
+        _check(_int(self.random_steps) and self.random_steps >= 1, "--random-steps",
+               self.random_steps, "must be a positive integer")
+        _check(_int(self.oracle_steps) and self.oracle_steps >= 0, "--oracle-steps",
+               self.oracle_steps, "must be a non-negative integer")
         _check(_int(self.seed) and self.seed >= 0, "--seed", self.seed,
                "must be a non-negative integer")
 

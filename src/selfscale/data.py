@@ -1,31 +1,17 @@
-"""Data sets of whole images and their targets, cached as memory-mapped arrays; crops and batches.
+"""Image sources and the train/eval split: whole images and their targets as memory maps.
 
-Building a data set decodes every file once (:func:`selfscale.images.load_gray`), computes the
-target of the WHOLE image (``tasks.make_target``, or the matching file for task 'pairs'), and
-stores both in one ``.npy`` file per image in a cache folder. Later builds with the same files and
-task parameters only open those files with ``np.load(mmap_mode="r")``, so a training step does no
-decoding and no operator work. Crops are cut from the whole arrays, so a crop's target equals the
-operator applied to the whole image, then cropped (no border effects at crop edges).
-
-Cache layout: ``<cache>/arrays-v{CACHE_FORMAT}/<sha256>.npy`` holding a float32 array of shape
-``(2, H, W)``: ``[0]`` the input, ``[1]`` the target. One file per image means an entry is
-written by a single atomic ``os.replace`` (never half an input/target pair) and costs one memory
-map. ``<cache>`` is ``DataConfig.cache_dir``, else ``$SELFSCALE_CACHE``, else
-``$XDG_CACHE_HOME/selfscale``, else ``~/.cache/selfscale``. The key (see :func:`cache_key`)
-covers the file's identity (resolved path, size, mtime_ns), the task name and parameters, the
-target file's identity for 'pairs', and the versions of this format, selfscale, Pillow and
-scikit-image. An entry whose header, dtype, shape or length is wrong is rebuilt; the payload is
-not checksummed (that would read every image at every start).
+Building a data set finds the files (the bundled split, a --data folder split by
+:func:`split_by_file`, or --data and --eval-data), decodes each once
+(:func:`selfscale.images.load_gray`), computes the target of the WHOLE image
+(``tasks.make_target``, or the matching file under --targets for task 'pairs') and keeps both in
+the array cache (:mod:`selfscale.cache`), so later builds only open memory maps. Files that
+cannot be used are skipped by reason and reported once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import secrets
 import sys
-import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,25 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
 import skimage
 import skimage.data
 from tqdm import tqdm
 
-from selfscale import __version__
+from selfscale.cache import cache_key, open_entry, prepare_cache, write_entry
 from selfscale.config import DataConfig
-from selfscale.errors import DataError
+from selfscale.errors import ConfigError, DataError
 from selfscale.images import REASONS, BadImage, find_images, load_gray
 from selfscale.tasks import Task, make_target
-
-CACHE_FORMAT = 1
-"""Version of the cache layout and of the preprocessing; bump it to invalidate old entries."""
-
-CACHE_ENV = "SELFSCALE_CACHE"
-"""Environment variable naming the cache folder when --cache-dir is not given."""
-
-STALE_TEMP_SECONDS = 3600
-"""Temp files older than this in the cache folder are leftovers of a killed build and removed."""
 
 BUNDLED_TRAIN = (
     "astronaut.png", "brick.png", "cell.png", "chelsea.png", "clock_motion.png", "grass.png",
@@ -159,17 +135,6 @@ def bundled_image_paths() -> tuple[list[Path], list[Path]]:
     return train, evals
 
 
-def cache_folder(cache_dir: Path | None) -> Path:
-    """The cache root: ``cache_dir``, else $SELFSCALE_CACHE, else $XDG_CACHE_HOME/selfscale,
-    else ~/.cache/selfscale."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "selfscale"
-
-
 def split_by_file(names: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic (train, eval) split of file names, each part sorted.
 
@@ -222,70 +187,6 @@ def _attach_targets(sources: list[_Source], targets: Path, flag: str) -> list[_S
 
 # --- building one set ---------------------------------------------------------------------------
 
-def _identity(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def cache_key(path: Path, task: Task, task_params: Mapping[str, Any],
-              target: Path | None = None) -> str:
-    """sha256 naming the cache entry of ``path`` under ``task`` (see the module docstring)."""
-    record = {
-        "format": CACHE_FORMAT,
-        "software": [__version__, PIL.__version__, skimage.__version__],
-        "file": _identity(path),
-        "task": task.name,
-        "params": json.dumps(dict(task_params), sort_keys=True, default=repr),
-        "target": None if target is None else _identity(target),
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def _open_entry(path: Path) -> np.ndarray | None:
-    """The cached (2, H, W) float32 memmap, or None when absent or not a complete entry."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, EOFError):
-        return None
-    ok = (isinstance(arr, np.memmap) and arr.dtype == np.float32 and arr.ndim == 3
-          and arr.shape[0] == 2 and arr.flags.c_contiguous and arr.offset + arr.nbytes == size)
-    return arr if ok else None
-
-
-def _write_entry(path: Path, arr: np.ndarray) -> np.ndarray:
-    """Write atomically (a temp file in the same folder, then ``os.replace``) and reopen as a
-    memmap; a failure is a DataError naming the cache folder."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"--cache-dir: cannot write to the cache folder {path.parent}: "
-                        f"{exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    entry = _open_entry(path)
-    if entry is None:
-        raise DataError(f"--cache-dir: a cache entry just written is unreadable: {path}")
-    return entry
-
-
-def _remove_stale_temps(folder: Path) -> None:
-    now = time.time()
-    for tmp in folder.glob(".*.tmp"):
-        try:
-            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
-                tmp.unlink()
-        except OSError:
-            pass
-
-
 def _compute(src: _Source, task: Task, task_params: Mapping[str, Any]) -> np.ndarray:
     """Decode the input and make its target; BadImage when either cannot be used."""
     image = load_gray(src.path)
@@ -327,14 +228,14 @@ def _build(sources: list[_Source], min_side: int, task: Task, task_params: Mappi
         except OSError:  # vanished or inaccessible since the folder was listed
             own._add("unreadable", src.name)
             continue
-        entry = _open_entry(entry_path)
+        entry = open_entry(entry_path)
         if entry is None:
             try:
                 arrays = _compute(src, task, task_params)
             except BadImage as exc:
                 own._add(exc.reason, src.name)
                 continue
-            entry = _write_entry(entry_path, arrays)
+            entry = write_entry(entry_path, arrays)
         else:
             own.cache_hits += 1
         if min(entry.shape[1:]) < min_side:
@@ -373,16 +274,6 @@ def _require(images: ImageSet, own: LoadReport, what: str, where: str, min_side:
     raise DataError(f"no usable {what} images in {where}: {own.n_found} found{detail}{hint}")
 
 
-def _prepare_cache(cfg: DataConfig) -> Path:
-    folder = cache_folder(cfg.cache_dir) / f"arrays-v{CACHE_FORMAT}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"--cache-dir: cannot create the cache folder {folder}: "
-                        f"{exc.strerror or exc}") from None
-    _remove_stale_temps(folder)
-    return folder
-
 
 def _limit(sources: list[_Source], max_images: int | None) -> list[_Source]:
     return sources if max_images is None else sources[:max_images]
@@ -391,6 +282,22 @@ def _limit(sources: list[_Source], max_images: int | None) -> list[_Source]:
 def _warn(report: LoadReport) -> None:
     if report.skipped:
         warnings.warn(report.summary(), SkippedImagesWarning, stacklevel=3)
+
+
+def _require_targets(task: Task, data: Path | None, targets: Path | None,
+                     eval_data: Path | None = None, eval_targets: Path | None = None) -> None:
+    """Task 'pairs' reads its targets from files: it needs --targets, --data (the bundled images
+    have none) and, with --eval-data, --eval-targets. The only place this rule is checked."""
+    if not task.from_files:
+        return
+    if targets is None:
+        raise ConfigError("--targets: task 'pairs' needs a folder of target images")
+    if data is None:
+        raise ConfigError("--data: task 'pairs' needs --data and --targets (the bundled images "
+                          "have no targets)")
+    if eval_data is not None and eval_targets is None:
+        raise ConfigError("--eval-targets: task 'pairs' with --eval-data needs the folder of "
+                          "evaluation targets")
 
 
 # --- public entry points ------------------------------------------------------------------------
@@ -406,17 +313,9 @@ def load_datasets(cfg: DataConfig, task: Task, task_params: Mapping[str, Any], *
     --max-images keeps the first N files (sorted) of each part. Training images must be at
     least ``cfg.effective_train_crop`` and eval images ``cfg.crop`` on both sides. Skipped files
     are counted by reason and reported by one :class:`SkippedImagesWarning`; no usable image in
-    either part is a DataError.
+    either part is a DataError; task 'pairs' without its target folders is a ConfigError.
     """
-    if task.from_files:
-        if cfg.data is None:
-            raise DataError("--data: task 'pairs' needs --data and --targets (the bundled images "
-                            "have no targets)")
-        if cfg.targets is None:
-            raise DataError("--targets: task 'pairs' needs a folder of target images")
-        if cfg.eval_data is not None and cfg.eval_targets is None:
-            raise DataError("--eval-targets: task 'pairs' with --eval-data needs the folder of "
-                            "evaluation targets")
+    _require_targets(task, cfg.data, cfg.targets, cfg.eval_data, cfg.eval_targets)
     if cfg.data is None:
         source = "bundled"
         train_paths, eval_paths = bundled_image_paths()
@@ -446,7 +345,7 @@ def load_datasets(cfg: DataConfig, task: Task, task_params: Mapping[str, Any], *
     train_src = _limit(train_src, cfg.max_images)
     eval_src = _limit(eval_src, cfg.max_images)
 
-    folder = _prepare_cache(cfg)
+    folder = prepare_cache(cfg.cache_dir)
     report = LoadReport()
     train, own_train = _build(train_src, cfg.effective_train_crop, task, task_params, folder,
                               report, progress, "training images")
@@ -464,12 +363,10 @@ def load_eval_set(folder: Path | None, cfg: DataConfig, task: Task,
     """Every usable image of ``folder`` as an eval set (``None``: the bundled eval images).
 
     Images must be at least ``cfg.crop`` on both sides; --max-images applies; task 'pairs' needs
-    ``targets``. Skips are reported by one :class:`SkippedImagesWarning`.
+    ``targets`` (else a ConfigError). Skips are reported by one :class:`SkippedImagesWarning`.
     """
+    _require_targets(task, folder, targets)
     if folder is None:
-        if task.from_files:
-            raise DataError("--data: task 'pairs' needs --data and --targets (the bundled images "
-                            "have no targets)")
         _, paths = bundled_image_paths()
         sources = [_Source(p.name, p) for p in paths]
         where = f"the bundled images ({paths[0].parent})"
@@ -478,65 +375,12 @@ def load_eval_set(folder: Path | None, cfg: DataConfig, task: Task,
         sources = _folder_sources(folder, "--data")
         where = str(folder)
         if task.from_files:
-            if targets is None:
-                raise DataError("--targets: task 'pairs' needs a folder of target images")
             sources = _attach_targets(sources, Path(targets), "--targets")
     sources = _limit(sources, cfg.max_images)
     report = LoadReport()
-    images, own = _build(sources, cfg.crop, task, task_params, _prepare_cache(cfg), report,
-                         progress, "eval images")
+    images, own = _build(sources, cfg.crop, task, task_params, prepare_cache(cfg.cache_dir),
+                         report, progress, "eval images")
     _require(images, own, "eval", where, cfg.crop)
     _warn(report)
     return images
 
-
-def sample_batch(images: ImageSet, rng: np.random.Generator, batch: int, crop: int,
-                 flips: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``batch`` random ``crop``×``crop`` crops of inputs and targets, each (N, 1, crop, crop).
-
-    For each crop in turn, ``rng`` is consumed in this fixed order: image index
-    ``rng.integers(len(images))``; top ``rng.integers(H − crop + 1)``; left
-    ``rng.integers(W − crop + 1)``; then, only when ``flips``, ``rng.random() < 0.5`` for a
-    horizontal flip (columns reversed) and ``rng.random() < 0.5`` for a vertical one (rows
-    reversed), applied identically to input and target. A seed therefore reproduces the batches.
-    """
-    if not len(images):
-        raise ValueError("sample_batch: the image set is empty")
-    xs = np.empty((batch, 1, crop, crop), dtype=np.float32)
-    ys = np.empty((batch, 1, crop, crop), dtype=np.float32)
-    for i in range(batch):
-        k = int(rng.integers(len(images)))
-        image, target = images.inputs[k], images.targets[k]
-        h, w = image.shape
-        if h < crop or w < crop:
-            raise ValueError(f"sample_batch: crop {crop} does not fit {images.names[k]} "
-                             f"({_hw(image.shape)})")
-        top = int(rng.integers(h - crop + 1))
-        left = int(rng.integers(w - crop + 1))
-        x = image[top:top + crop, left:left + crop]
-        y = target[top:top + crop, left:left + crop]
-        if flips:
-            if rng.random() < 0.5:
-                x, y = x[:, ::-1], y[:, ::-1]
-            if rng.random() < 0.5:
-                x, y = x[::-1, :], y[::-1, :]
-        xs[i, 0] = x
-        ys[i, 0] = y
-    return xs, ys
-
-
-def center_crops(images: ImageSet, crop: int) -> tuple[np.ndarray, np.ndarray]:
-    """The centre ``crop``×``crop`` of every input and target, (N, 1, crop, crop) float32.
-
-    The crop starts at row ``(H − crop) // 2`` and column ``(W − crop) // 2``.
-    """
-    xs = np.empty((len(images), 1, crop, crop), dtype=np.float32)
-    ys = np.empty((len(images), 1, crop, crop), dtype=np.float32)
-    for i, (name, image, target) in enumerate(zip(images.names, images.inputs, images.targets)):
-        h, w = image.shape
-        if h < crop or w < crop:
-            raise ValueError(f"center_crops: crop {crop} does not fit {name} ({_hw(image.shape)})")
-        top, left = (h - crop) // 2, (w - crop) // 2
-        xs[i, 0] = image[top:top + crop, left:left + crop]
-        ys[i, 0] = target[top:top + crop, left:left + crop]
-    return xs, ys

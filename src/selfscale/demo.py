@@ -17,28 +17,66 @@ import torch
 
 from selfscale.compact import compact_model, compare_speed, export
 from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig, TaskConfig,
-                              TrainConfig)
-from selfscale.data import center_crops
-from selfscale.minimize.session import load_network, minimize_run
-from selfscale.run import default_run_dir, prepare_data, start_run, train_run
+                              TrainConfig, _check, _int)
+from selfscale.crops import center_crops
+from selfscale.minimize.session import minimize_run
+from selfscale.run import (check_new_run_dir, default_run_dir, network, prepare_data, start_run,
+                           train_run)
 from selfscale.train import TrainHooks, as_input
 from selfscale.visualize import mask_picture, preview_grid
 
+DEMO_TASKS = ("sobel", "canny", "otsu")
 
-@dataclass
+
+@dataclass(frozen=True)
 class DemoConfig:
-    """Options of ``selfscale demo``."""
+    """Options of ``selfscale demo``; validated at construction, before minutes of training."""
 
     task: str = "sobel"
+    """--task: operator to learn on the bundled images (sobel, canny or otsu)."""
     out: Path | None = None
+    """--out: run directory to create (default runs/demo-<task>, numbered if taken)."""
     steps: int = 10_000
+    """--steps: base training steps."""
     train_crop: int = 128
+    """--train-crop: side of the training crops (evaluation uses 256)."""
     retrain_steps: int = 2000
+    """--retrain-steps: training steps after every alteration."""
     strategy: str = "l1"
+    """--strategy: selection strategy."""
     threshold: float = 0.95
+    """--threshold: keep a change if score_new >= threshold × the base score."""
     seed: int = 0
+    """--seed: random seed of training and minimization."""
     device: str = "auto"
+    """--device: auto (CUDA when present), cpu or cuda."""
     threads: int = 0
+    """--threads: CPU threads for torch; 0 means torch's default."""
+
+    def __post_init__(self) -> None:
+        from selfscale.minimize.strategies import make_strategy
+
+        _check(self.task in DEMO_TASKS, "--task", self.task,
+               f"must be one of {', '.join(DEMO_TASKS)}")
+        _check(_int(self.steps) and self.steps >= 1, "--steps", self.steps,
+               "must be a positive integer")
+        make_strategy(self.strategy)
+        self.run_config()
+        self.minimize_config()
+        if self.out is not None:
+            check_new_run_dir(self.out)
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(
+            data=DataConfig(train_crop=self.train_crop),
+            task=TaskConfig(name=self.task),
+            model=ModelConfig(),
+            train=TrainConfig(steps=self.steps, eval_every=max(self.steps // 10, 1),
+                              seed=self.seed, device=self.device, threads=self.threads))
+
+    def minimize_config(self) -> MinimizeConfig:
+        return MinimizeConfig(strategy=self.strategy, threshold=self.threshold,
+                              retrain_steps=self.retrain_steps, seed=self.seed)
 
 
 def run_demo(cfg: DemoConfig, *, progress: bool = False, train_hooks: TrainHooks | None = None,
@@ -46,30 +84,22 @@ def run_demo(cfg: DemoConfig, *, progress: bool = False, train_hooks: TrainHooks
     """Train → minimize → export (torch and ONNX) → speed → previews. Returns a summary dict."""
     phase = on_phase or (lambda name: None)
     t0 = time.perf_counter()
-    config = RunConfig(
-        data=DataConfig(train_crop=cfg.train_crop),
-        task=TaskConfig(name=cfg.task),
-        model=ModelConfig(),
-        train=TrainConfig(steps=cfg.steps, eval_every=max(cfg.steps // 10, 1), seed=cfg.seed,
-                          device=cfg.device, threads=cfg.threads),
-    )
+    config = cfg.run_config()
     out = cfg.out or default_run_dir(f"demo-{cfg.task}")
     phase(f"1/4 training the {'/'.join(map(str, config.model.widths))} network on "
           f"'{cfg.task}' ({cfg.steps} steps) → {out}")
     run = start_run(config, out)
     data = prepare_data(run.config, progress=progress)
-    train_run(run, hooks=train_hooks, datasets=data)
+    train_run(run, data, hooks=train_hooks)
     t_train = time.perf_counter() - t0
 
     phase(f"2/4 minimizing with strategy '{cfg.strategy}', threshold {cfg.threshold}")
-    mcfg = MinimizeConfig(strategy=cfg.strategy, threshold=cfg.threshold,
-                          retrain_steps=cfg.retrain_steps, seed=cfg.seed)
-    result = minimize_run(out, mcfg, device=cfg.device, on_decision=on_decision)
+    result = minimize_run(run, data, cfg.minimize_config(), on_decision=on_decision)
     t_min = time.perf_counter() - t0 - t_train
 
     phase("3/4 exporting the compact network (torch and ONNX) and timing it")
-    _, base_model, _ = load_network(out, "base", cfg.device)
-    _, min_model, _ = load_network(out, "minimized", cfg.device)
+    base_model, _ = network(run, "base")
+    min_model, _ = network(run, "minimized")
     x_np, y_np = center_crops(data.eval, config.data.crop)
     device = next(min_model.parameters()).device
     x = as_input(x_np, device)

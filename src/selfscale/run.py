@@ -1,18 +1,22 @@
-"""A run directory: its layout, and training, evaluating and inspecting the run stored in it.
+"""A run directory: its layout, starting, training and resuming the run in it, and the networks
+it serves (the base network, or the minimized one once ``selfscale minimize`` has run).
 
 Layout (every path inside is relative, so the directory can be moved and resumed elsewhere)::
 
     RUN/
-      config.toml        the effective config (usable again with --config)
-      run.json           metadata: versions, thread count, device, resolved task parameters, data
+      config.toml        the run's config, the one source of truth (usable again with --config)
+      run.json           metadata: versions, thread count, device, data, initialization redraws
       state.pt           the whole training state (weights, switches, Adam, step, RNG, history)
       state.pt.sha256    its checksum
       history.csv        the evaluation history, for people and spreadsheets
+      minimize/          written by a minimization (see :mod:`selfscale.minimize.session`);
+                         final.pt is the minimized network, summary.json its summary
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import time
@@ -24,19 +28,33 @@ import torch
 
 from selfscale import __version__
 from selfscale.checkpoint import atomic_write_text, load_state, remove_orphan_temps, save_state
-from selfscale.config import RunConfig, dumps_toml
-from selfscale.data import Datasets, center_crops, load_datasets
+from selfscale.config import (RunConfig, TaskConfig, config_diff, dumps_toml,
+                              flag_of, load_toml, merge_sections)
+from selfscale.crops import center_crops
+from selfscale.data import Datasets, load_datasets
 from selfscale.errors import CheckpointError, ConfigError
-from selfscale.model import active_parameter_count, build_model, parameter_count
+from selfscale.model import FCN, active_parameter_count, build_model, parameter_count
 from selfscale.tasks import get_task, resolve_params
-from selfscale.train import (TrainHooks, TrainState, as_input, best_record, new_state,
+from selfscale.train import (TrainHooks, TrainSpec, TrainState, as_input, best_record, new_state,
                              resolve_device, revive_dead_init, train)
 
 CONFIG_FILE = "config.toml"
 META_FILE = "run.json"
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.csv"
-FORMAT_VERSION = 1
+MIN_DIR = "minimize"
+"""Sub-folder of a minimization's files."""
+FINAL_FILE = "final.pt"
+"""The minimized network, in ``MIN_DIR``."""
+LOOP_FILE = "state.pt"
+"""The unfinished minimization's state, in ``MIN_DIR``."""
+SUMMARY_FILE = "summary.json"
+STAGES = ("auto", "base", "minimized")
+"""Which network of a run: auto = the minimized one when it exists, else the base network."""
+FORMAT_VERSION = 2
+"""2: the config lives in config.toml only (1 kept a copy in run.json, still read)."""
+RESUMABLE = {("train", "steps"), ("train", "device")}
+"""Config fields that may change when a run is resumed: its length and where it runs."""
 
 
 def default_run_dir(task: str, root: Path = Path("runs")) -> Path:
@@ -82,6 +100,14 @@ class Run:
     state: TrainState
     meta: dict[str, Any]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.state.model.parameters()).device
+
+    def spec(self) -> TrainSpec:
+        """How this run trains (and how a minimization of it retrains)."""
+        return TrainSpec.from_config(self.config, self.device)
+
 
 def save_run(run: Run) -> None:
     """Write state, config, metadata and history; each file atomically."""
@@ -92,8 +118,9 @@ def save_run(run: Run) -> None:
     atomic_write_text(run.path / HISTORY_FILE, history_csv(run.state.history))
 
 
-def load_run(path: Path, device: str | torch.device = "cpu") -> Run:
-    """Load a run directory; a missing or damaged file → CheckpointError (one line)."""
+def read_run_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The config (from config.toml) and metadata (run.json) of a run directory; a missing or
+    damaged file → CheckpointError (one line)."""
     path = Path(path)
     require_run_dir(path)
     remove_orphan_temps(path)
@@ -103,8 +130,8 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> Run:
         raise CheckpointError(f"run directory is incomplete: {path / META_FILE} is missing") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"run metadata is corrupt: {path / META_FILE} ({exc})") from None
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise CheckpointError(f"run metadata is corrupt: {path / META_FILE} (no config)")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"run metadata is corrupt: {path / META_FILE} (not an object)")
     for key in ("format", "threads"):
         if not isinstance(meta.get(key, 0), int) or isinstance(meta.get(key), bool):
             raise CheckpointError(f"run metadata is corrupt: {path / META_FILE} ({key!r} must "
@@ -112,11 +139,21 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> Run:
     if meta.get("format", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer selfscale (format "
                               f"{meta.get('format')}); upgrade selfscale to read it")
+    where = path / CONFIG_FILE
     try:
-        config = RunConfig.from_dict(meta["config"])
+        if meta.get("format", 0) < 2 and "config" in meta:  # format 1 read its copy in run.json
+            where, raw = path / META_FILE, meta.pop("config")
+        else:
+            raw = load_toml(where)
+        return resolve_config(RunConfig.from_dict(raw)), meta
     except ConfigError as exc:
-        raise CheckpointError(f"run config in {path / META_FILE} is invalid: {exc}") from None
-    return Run(path, config, load_train_state(path / STATE_FILE, device), meta)
+        raise CheckpointError(f"run config {where} is invalid: {exc}") from None
+
+
+def load_run(path: Path, device: str | torch.device = "cpu") -> Run:
+    """Load a run directory; a missing or damaged file → CheckpointError (one line)."""
+    config, meta = read_run_config(path)
+    return Run(Path(path), config, load_train_state(Path(path) / STATE_FILE, device), meta)
 
 
 def load_train_state(path: Path, device: str | torch.device = "cpu") -> TrainState:
@@ -146,10 +183,16 @@ def resolved_task(config: RunConfig) -> tuple[Any, dict[str, Any]]:
     return task, resolve_params(task, config.task.params)
 
 
+def resolve_config(config: RunConfig) -> RunConfig:
+    """The config a run stores: every operator parameter filled in, the task's default loss."""
+    task, params = resolved_task(config)
+    return dataclasses.replace(
+        config, task=TaskConfig(config.task.name, params),
+        train=dataclasses.replace(config.train, loss=config.train.loss or task.default_loss))
+
+
 def prepare_data(config: RunConfig, progress: bool = False) -> Datasets:
     task, params = resolved_task(config)
-    if task.from_files and config.data.targets is None:
-        raise ConfigError("--targets: task 'pairs' needs a folder of target images")
     return load_datasets(config.data, task, params, progress=progress)
 
 
@@ -159,10 +202,7 @@ def start_run(config: RunConfig, out: Path) -> Run:
     out = Path(out)
     check_new_run_dir(out)
     threads = pin_threads(config.train.threads)
-    task, params = resolved_task(config)
-    config.task.params = params
-    if config.train.loss is None:
-        config.train.loss = task.default_loss
+    config = resolve_config(config)
     device = resolve_device(config.train.device)
     model = build_model(config.model.widths, config.model.kernel, config.model.in_channels,
                         config.model.init_std, config.train.seed)
@@ -173,7 +213,6 @@ def start_run(config: RunConfig, out: Path) -> Run:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "threads": threads,
         "device": str(device),
-        "config": config.to_dict(),
         "parameters": parameter_count(config.model.widths, config.model.kernel,
                                       config.model.in_channels),
     }
@@ -182,8 +221,50 @@ def start_run(config: RunConfig, out: Path) -> Run:
     return run
 
 
-def train_run(run: Run, *, progress: bool = False, hooks: TrainHooks | None = None,
-              datasets: Datasets | None = None) -> Run:
+def resume_run(path: Path, given: dict[str, dict[str, Any]]) -> Run:
+    """The run in ``path``, to be trained further. ``given`` holds the config values the user gave
+    now (``{section: {field: value}}``, e.g. the flags of the original command): values equal to
+    the stored ones are accepted, ``--steps`` and ``--device`` may change, anything else is a
+    ConfigError naming the flag with the stored and the given value."""
+    path = Path(path)
+    stored, _ = read_run_config(path)
+    if (path / MIN_DIR).exists():
+        raise ConfigError(f"--resume: {path} has been minimized; training its base network "
+                          "further would leave the minimization stale (copy the run or start "
+                          "a new one)")
+    config = resolve_config(RunConfig.from_dict(merge_sections(stored.to_dict(), given)))
+    for section, name, old, new in config_diff(stored, config):
+        if (section, name) not in RESUMABLE:
+            flag = flag_of(type(getattr(stored, section)), name)
+            if name == "params":
+                flag = "--task-param"
+                changed = [k for k in new if old.get(k) != new[k]]
+                old, new = ({k: d.get(k) for k in changed} for d in (old, new))
+            raise ConfigError(f"{flag}: cannot be changed when resuming (the run has "
+                              f"{_shown(old)}, given {_shown(new)}); only --steps and --device "
+                              "may change")
+    run = load_run(path, config.train.device)
+    if config.train.steps < run.state.step:
+        raise ConfigError(f"--steps: the run is already at step {run.state.step}; give at least "
+                          "that many")
+    run.config = config
+    return run
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def with_steps(run: Run, steps: int) -> Run:
+    """The run, set to train up to ``steps`` in total (e.g. ``minimize --base-steps``)."""
+    run.config = dataclasses.replace(run.config,
+                                     train=dataclasses.replace(run.config.train, steps=steps))
+    return run
+
+
+def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> Run:
     """Train ``run`` from its current step to ``run.config.train.steps``, checkpointing as it goes.
 
     A run stopped at any moment and continued with this function ends bit-identical to an
@@ -192,14 +273,12 @@ def train_run(run: Run, *, progress: bool = False, hooks: TrainHooks | None = No
     """
     pin_threads(int(run.meta.get("threads", 0)))
     cfg = run.config
-    data = datasets or prepare_data(cfg, progress=progress)
     run.meta["data"] = data_summary(data)
-    run.meta["config"] = cfg.to_dict()
-    device = next(run.state.model.parameters()).device
+    spec = run.spec()
     if run.state.step == 0 and "init_redraws" not in run.meta:
         probe, _ = center_crops(data.train[:8], min(cfg.data.effective_train_crop, 64))
-        run.meta["init_redraws"] = revive_dead_init(run.state, as_input(probe, device),
-                                                    cfg.model.init_std)
+        run.meta["init_redraws"] = revive_dead_init(run.state, as_input(probe, spec.device),
+                                                    spec.init_std)
     user_hooks = hooks or TrainHooks()
 
     def checkpoint(state: TrainState) -> None:
@@ -207,10 +286,7 @@ def train_run(run: Run, *, progress: bool = False, hooks: TrainHooks | None = No
         if user_hooks.on_checkpoint:
             user_hooks.on_checkpoint(state)
 
-    train(run.state, data.train, data.eval, until_step=cfg.train.steps, loss=cfg.train.loss,
-          batch=cfg.data.batch, train_crop=cfg.data.effective_train_crop,
-          eval_crop=cfg.data.crop, flips=cfg.data.flips, eval_every=cfg.train.eval_every,
-          device=device, checkpoint_every=cfg.train.checkpoint_every,
+    train(run.state, data.train, data.eval, spec, until_step=cfg.train.steps,
           hooks=TrainHooks(user_hooks.on_step, user_hooks.on_eval, checkpoint))
     save_run(run)
     return run
@@ -225,9 +301,53 @@ def data_summary(data: Datasets) -> dict[str, Any]:
     }
 
 
-def run_info(run: Run) -> dict[str, Any]:
+# --- the networks a run serves ------------------------------------------------------------------
+
+def has_minimized(path: Path) -> bool:
+    return (Path(path) / MIN_DIR / FINAL_FILE).is_file()
+
+
+def network(run: Run, stage: str = "auto") -> tuple[FCN, str]:
+    """The network ``run`` serves at ``stage`` (see :data:`STAGES`), on the run's device, and the
+    stage used ("base" or "minimized")."""
+    if stage not in STAGES:
+        raise ConfigError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
+    done = has_minimized(run.path)
+    if stage == "auto" and not done and (run.path / MIN_DIR / LOOP_FILE).is_file():
+        raise CheckpointError(f"{run.path}: its minimization has not finished (no "
+                              f"{MIN_DIR}/{FINAL_FILE}); continue it with 'selfscale minimize "
+                              f"{run.path} --resume', or use --stage base")
+    if stage == "base" or (stage == "auto" and not done):
+        return run.state.model, "base"
+    if not done:
+        raise CheckpointError(f"--stage minimized: {run.path} has not been minimized "
+                              f"(run 'selfscale minimize {run.path}' first)")
+    return load_train_state(run.path / MIN_DIR / FINAL_FILE, run.device).model, "minimized"
+
+
+def load_network(path: Path, stage: str = "auto",
+                 device: str | torch.device = "cpu") -> tuple[Run, FCN, str]:
+    """Load a run and the network it serves at ``stage``: (run, model, stage used)."""
+    if stage not in STAGES:
+        raise ConfigError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
+    run = load_run(path, device)
+    return (run, *network(run, stage))
+
+
+def load_summary(path: Path) -> dict[str, Any] | None:
+    """The minimization summary of a run directory, or None when it has not been minimized."""
+    file = Path(path) / MIN_DIR / SUMMARY_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"minimization summary is corrupt: {file}") from None
+
+
+def run_info(run: Run, model: FCN | None = None) -> dict[str, Any]:
     """What ``selfscale info`` shows: config, task, architecture, switches, counts, scores."""
-    model = run.state.model
+    model = run.state.model if model is None else model
     last = run.state.history[-1] if run.state.history else None
     return {
         "run_dir": str(run.path),
@@ -251,4 +371,3 @@ def run_info(run: Run) -> dict[str, Any]:
         "created": run.meta.get("created"),
         "data": run.meta.get("data"),
     }
-

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfscale.data import ImageSet, center_crops, sample_batch
+from selfscale.crops import center_crops, sample_batch
+from selfscale.data import ImageSet
 from selfscale.metrics import LOSSES, METRICS
 from selfscale.model import FCN
 
@@ -164,6 +165,44 @@ def evaluate(model: FCN, images: ImageSet, crop: int | None, device: torch.devic
     return {name: total / max(n, 1) for name, total in sums.items()} | {"n_images": n}
 
 
+@dataclass(frozen=True)
+class TrainSpec:
+    """How a network is trained: everything :func:`train` needs besides the state and the data.
+
+    Built once from the run's config (:meth:`from_config`); a minimization's retrains derive
+    theirs with ``dataclasses.replace`` (e.g. ``eval_every`` = the retrain's length)."""
+
+    loss: str
+    """Name of the training loss (a key of :data:`selfscale.metrics.LOSSES`)."""
+    batch: int
+    """Training crops per step."""
+    train_crop: int
+    """Side of the random training crops."""
+    eval_crop: int
+    """Side of the centre eval crops."""
+    flips: bool
+    """Random horizontal and vertical flips of the training crops."""
+    eval_every: int
+    """Evaluate every N steps (absolute step numbers) and at the end."""
+    checkpoint_every: int
+    """Checkpoint every N steps; 0 means at every evaluation."""
+    device: torch.device
+    """Where the model and the batches live."""
+    init_std: float
+    """Std of the truncated normal used for (re)initialization draws."""
+
+    @classmethod
+    def from_config(cls, config: Any, device: torch.device) -> TrainSpec:
+        """The spec of a :class:`selfscale.config.RunConfig` whose loss is resolved."""
+        if config.train.loss is None:
+            raise ValueError("the run config's loss must be resolved before training")
+        return cls(loss=config.train.loss, batch=config.data.batch,
+                   train_crop=config.data.effective_train_crop, eval_crop=config.data.crop,
+                   flips=config.data.flips, eval_every=config.train.eval_every,
+                   checkpoint_every=config.train.checkpoint_every, device=device,
+                   init_std=config.model.init_std)
+
+
 @dataclass
 class TrainHooks:
     """What the loop reports to its caller; all optional."""
@@ -173,21 +212,20 @@ class TrainHooks:
     on_checkpoint: Callable[[TrainState], None] | None = None
 
 
-def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, *, until_step: int,
-          loss: str, batch: int, train_crop: int, eval_crop: int, flips: bool, eval_every: int,
-          device: torch.device, checkpoint_every: int = 0,
-          hooks: TrainHooks | None = None) -> TrainState:
-    """Train from ``state.step`` to ``until_step``, evaluating every ``eval_every`` steps and at
-    the end; checkpoint (through ``hooks.on_checkpoint``) at every evaluation or every
-    ``checkpoint_every`` steps. Evaluation and checkpoint steps are absolute step numbers, so a
-    resumed run evaluates at the same steps as an uninterrupted one."""
+def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: TrainSpec, *,
+          until_step: int, hooks: TrainHooks | None = None) -> TrainState:
+    """Train from ``state.step`` to ``until_step``, evaluating every ``spec.eval_every`` steps and
+    at the end; checkpoint (through ``hooks.on_checkpoint``) at every evaluation or every
+    ``spec.checkpoint_every`` steps. Evaluation and checkpoint steps are absolute step numbers, so
+    a resumed run evaluates at the same steps as an uninterrupted one."""
     hooks = hooks or TrainHooks()
-    loss_fn = LOSSES[loss]
-    save_every = checkpoint_every or eval_every
+    loss_fn = LOSSES[spec.loss]
+    device = spec.device
+    save_every = spec.checkpoint_every or spec.eval_every
     t0 = time.perf_counter()
     while state.step < until_step:
         # 1. sample a batch (numpy generator: reproducible, saved with the state)
-        x_np, y_np = sample_batch(train_set, state.rng, batch, train_crop, flips)
+        x_np, y_np = sample_batch(train_set, state.rng, spec.batch, spec.train_crop, spec.flips)
         # 2. one optimizer step
         value = train_step(state.model, state.optimizer, as_input(x_np, device),
                            as_input(y_np, device), loss_fn)
@@ -195,9 +233,9 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, *, until_s
         if hooks.on_step:
             hooks.on_step(state.step, value)
         # 3. evaluate on the whole eval set every eval_every steps and at the end
-        if state.step % eval_every == 0 or state.step == until_step:
+        if state.step % spec.eval_every == 0 or state.step == until_step:
             record = {"step": state.step, "loss": value,
-                      **evaluate(state.model, eval_set, eval_crop, device),
+                      **evaluate(state.model, eval_set, spec.eval_crop, device),
                       "train_seconds": round(time.perf_counter() - t0, 3)}
             record.pop("n_images")
             state.history.append(record)

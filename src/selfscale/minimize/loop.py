@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,31 +21,17 @@ import torch
 from torch import Tensor
 
 from selfscale.config import MinimizeConfig
-from selfscale.data import ImageSet, center_crops
+from selfscale.crops import center_crops
+from selfscale.data import Datasets
 from selfscale.metrics import LOSSES, METRICS
 from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, prunable_masks,
                                       remove_hidden_layer, removable_layers, unfreeze_others)
-from selfscale.minimize.proposal import (Candidate, SelectionContext, Strategy, StrategyOptions,
-                                         make_strategy)
+from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
+from selfscale.minimize.strategies import make_strategy
 from selfscale.model import FCN, active_macs_per_pixel, active_parameter_count
-from selfscale.train import EVAL_BATCH, TrainState, as_input, evaluate, train
+from selfscale.train import EVAL_BATCH, TrainSpec, TrainState, as_input, evaluate, train
 
 PHASES = ("masks", "layers", "done")
-
-
-@dataclass
-class TrainEnv:
-    """What retraining and evaluating need: data, device and the run's training settings."""
-
-    train_set: ImageSet
-    eval_set: ImageSet
-    device: torch.device
-    loss: str
-    batch: int
-    train_crop: int
-    eval_crop: int
-    flips: bool
-    init_std: float
 
 
 @dataclass
@@ -82,7 +68,7 @@ class Minimization:
             "rng": self.rng.bit_generator.state,
             "step": self.step,
             "phase": self.phase,
-            "failed": [[c.kind, c.layer, -1 if c.mask is None else c.mask] for c in self.failed],
+            "failed": [c.to_plain() for c in self.failed],
             "tested": [list(t) for t in self.tested],
             "tried_layers": self.tried_layers,
             "strategy_state": self.strategy_state,
@@ -105,8 +91,7 @@ class Minimization:
             rng=rng,
             step=int(raw["step"]),
             phase=str(raw["phase"]),
-            failed=[Candidate(k, int(layer), None if m < 0 else int(m))
-                    for k, layer, m in raw["failed"]],
+            failed=[Candidate.from_plain(item) for item in raw["failed"]],
             tested=[(int(a), int(b)) for a, b in raw["tested"]],
             tried_layers=[int(x) for x in raw["tried_layers"]],
             strategy_state=dict(raw["strategy_state"]),
@@ -132,9 +117,10 @@ def ratio(score: float, reference: float, metric: str) -> float:
     return num / den
 
 
-def start(base: TrainState, config: MinimizeConfig, env: TrainEnv) -> Minimization:
+def start(base: TrainState, config: MinimizeConfig, spec: TrainSpec,
+          data: Datasets) -> Minimization:
     """Evaluate the base network and take the first snapshot."""
-    scores = evaluate(base.model, env.eval_set, env.eval_crop, env.device)
+    scores = evaluate(base.model, data.eval, spec.eval_crop, spec.device)
     scores.pop("n_images")
     current = clone_state(base)
     current.reset_optimizer()
@@ -147,18 +133,18 @@ def start(base: TrainState, config: MinimizeConfig, env: TrainEnv) -> Minimizati
     )
 
 
-def retrain(state: TrainState, steps: int, env: TrainEnv) -> dict[str, Any]:
-    """Train ``steps`` steps from the state's current step; returns the closing evaluation."""
-    train(state, env.train_set, env.eval_set, until_step=state.step + steps, loss=env.loss,
-          batch=env.batch, train_crop=env.train_crop, eval_crop=env.eval_crop, flips=env.flips,
-          eval_every=steps, device=env.device)
+def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets) -> dict[str, Any]:
+    """Train ``steps`` steps from the state's current step with the run's spec, evaluated once
+    at the end; returns that evaluation."""
+    train(state, data.train, data.eval, replace(spec, eval_every=steps, checkpoint_every=0),
+          until_step=state.step + steps)
     return state.history[-1]
 
 
-def eval_batches(env: TrainEnv) -> Iterator[tuple[Tensor, Tensor]]:
-    for chunk in env.eval_set.chunks(EVAL_BATCH):
-        x, y = center_crops(chunk, env.eval_crop)
-        yield as_input(x, env.device), as_input(y, env.device)
+def eval_batches(spec: TrainSpec, data: Datasets) -> Iterator[tuple[Tensor, Tensor]]:
+    for chunk in data.eval.chunks(EVAL_BATCH):
+        x, y = center_crops(chunk, spec.eval_crop)
+        yield as_input(x, spec.device), as_input(y, spec.device)
 
 
 @dataclass
@@ -167,12 +153,12 @@ class LoopHooks:
     on_save: Callable[[Minimization], None] | None = None
 
 
-def minimize(m: Minimization, env: TrainEnv, hooks: LoopHooks | None = None) -> Minimization:
+def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
+             hooks: LoopHooks | None = None) -> Minimization:
     """Run the minimization to its end (strategy stop, no layer left, or --max-steps)."""
     hooks = hooks or LoopHooks()
     cfg = m.config
-    strategy = make_strategy(cfg.strategy, StrategyOptions(
-        patience=cfg.patience, max_steps=cfg.random_steps, oracle_steps=cfg.oracle_steps))
+    strategy = make_strategy(cfg.strategy, cfg)
     if m.strategy_state:  # a resumed minimization: the strategy continues where it was
         strategy.load_state_dict(copy.deepcopy(m.strategy_state))
     while m.phase != "done":
@@ -181,16 +167,16 @@ def minimize(m: Minimization, env: TrainEnv, hooks: LoopHooks | None = None) -> 
             m.phase = "done"
             break
         # 1. select
-        cand = select(m, strategy, env)
+        cand = select(m, strategy, spec, data)
         if cand is None:  # the phase is over: masks → layers → done
             m.phase = "layers" if (m.phase == "masks" and cfg.layers) else "done"
             m.failed = []
             _save(m, hooks)
             continue
         # 2. alter a copy of the snapshot, with a fresh optimizer (thesis 2.4)
-        trial = alter(m, cand, env)
+        trial = alter(m, cand, spec)
         # 3. retrain and 4. evaluate
-        record = retrain(trial, cfg.retrain_steps, env)
+        record = retrain(trial, cfg.retrain_steps, spec, data)
         score = record[cfg.metric]
         # 5. keep the change or step back to the snapshot
         r = ratio(score, m.reference, cfg.metric)
@@ -217,18 +203,19 @@ def minimize(m: Minimization, env: TrainEnv, hooks: LoopHooks | None = None) -> 
     return m
 
 
-def select(m: Minimization, strategy: Strategy, env: TrainEnv) -> Candidate | None:
+def select(m: Minimization, strategy: Strategy, spec: TrainSpec,
+           data: Datasets) -> Candidate | None:
     """The next candidate of the current phase, or None when the phase is over."""
     model = m.current.model
     if m.phase == "masks":
         prunable = [p for p in prunable_masks(model) if p not in m.tested]
         if not prunable:
             return None
-        loss_fn = LOSSES[env.loss]
+        loss_fn = LOSSES[spec.loss]
         ctx = SelectionContext(
-            model=model, prunable=prunable, failed=set(m.failed), step=m.step, rng=m.rng,
-            batches=lambda: eval_batches(env), loss_fn=loss_fn,
-            trial=lambda c: _oracle_trial(m, c, env))
+            model=model, prunable=prunable, failed=frozenset(m.failed), step=m.step, rng=m.rng,
+            batches=lambda: eval_batches(spec, data), loss_fn=loss_fn,
+            trial=lambda c: _oracle_trial(m, c, spec, data))
         cand = strategy.propose(ctx)
         if cand is not None and (cand in m.failed or (cand.layer, cand.mask) not in prunable):
             raise RuntimeError(f"strategy {strategy.name} proposed an invalid candidate {cand}")
@@ -242,12 +229,12 @@ def select(m: Minimization, strategy: Strategy, env: TrainEnv) -> Candidate | No
     return None
 
 
-def alter(m: Minimization, cand: Candidate, env: TrainEnv) -> TrainState:
+def alter(m: Minimization, cand: Candidate, spec: TrainSpec) -> TrainState:
     """A copy of the snapshot with the candidate applied and a fresh optimizer."""
     trial = clone_state(m.current)
     if cand.kind == "layer":
-        return remove_hidden_layer(trial, cand.layer, env.init_std)
-    apply_mask_candidate(trial, cand, m.config.mode, reinit=m.config.reinit, std=env.init_std)
+        return remove_hidden_layer(trial, cand.layer, spec.init_std)
+    apply_mask_candidate(trial, cand, m.config.mode, reinit=m.config.reinit, std=spec.init_std)
     trial.reset_optimizer()
     return trial
 
@@ -277,16 +264,16 @@ def step_back(m: Minimization, cand: Candidate) -> None:
     m.current.reset_optimizer()
 
 
-def _oracle_trial(m: Minimization, cand: Candidate, env: TrainEnv) -> float:
+def _oracle_trial(m: Minimization, cand: Candidate, spec: TrainSpec, data: Datasets) -> float:
     """Score (higher is better) of the snapshot with ``cand`` applied and a short retrain; the
     snapshot itself is not touched."""
-    trial = alter(m, cand, env)
+    trial = alter(m, cand, spec)
     steps = m.config.oracle_steps
     if steps == 0:
-        score = evaluate(trial.model, env.eval_set, env.eval_crop, env.device)[m.config.metric]
+        score = evaluate(trial.model, data.eval, spec.eval_crop, spec.device)[m.config.metric]
     else:
         m.steps_trained += steps
-        score = retrain(trial, steps, env)[m.config.metric]
+        score = retrain(trial, steps, spec, data)[m.config.metric]
     return score if METRICS[m.config.metric].higher_is_better else -score
 
 
@@ -294,16 +281,16 @@ def decision_record(m: Minimization, cand: Candidate, record: dict[str, Any], re
                     r: float, kept: bool, seconds: float) -> dict[str, Any]:
     # the log names original indices; for a kept layer removal, origin is already updated
     if cand.kind == "mask":
-        layer, mask = m.origin[cand.layer][0], m.origin[cand.layer][1 + cand.mask]
+        named = Candidate("mask", m.origin[cand.layer][0], m.origin[cand.layer][1 + cand.mask])
     else:
-        layer, mask = m.tried_layers[-1], None
+        named = Candidate("layer", m.tried_layers[-1])
     return {
         "step": m.step,
         "phase": "layers" if cand.kind == "layer" else "masks",
         "strategy": m.config.strategy if cand.kind == "mask" else "layer-sweep",
-        "tried": (f"layer {layer + 1}" if mask is None else f"layer {layer + 1} mask {mask + 1}"),
-        "layer": layer + 1,
-        "mask": None if mask is None else mask + 1,
+        "tried": named.describe(),
+        "layer": named.layer + 1,
+        "mask": None if named.mask is None else named.mask + 1,
         "metric": m.config.metric,
         "reference": reference,
         "score": record[m.config.metric],

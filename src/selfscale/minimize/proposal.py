@@ -1,6 +1,7 @@
-"""What a selection strategy sees (the context) and what it proposes (a candidate), plus the
-strategy interface and its registry. Proposing is separate from applying: strategies never touch
-the network; the minimization loop applies, retrains, judges and reports back."""
+"""What a selection strategy sees (the context), what it proposes (a candidate), and the strategy
+interface. Proposing is separate from applying: strategies never touch the network; the
+minimization loop applies, retrains, judges and reports back. The strategies themselves and
+their registry live in :mod:`selfscale.minimize.strategies`."""
 
 from __future__ import annotations
 
@@ -12,23 +13,35 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from torch import Tensor
 
-from selfscale.errors import ConfigError
+from selfscale.config import MinimizeConfig
 from selfscale.model import FCN
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One proposed alteration: disable mask ``mask`` of layer ``layer``, or remove hidden layer
-    ``layer`` (``kind='layer'``, ``mask=None``). Indices refer to the *current* network."""
+    ``layer`` (``kind='layer'``, ``mask=None``). Indices refer to the *current* network, except
+    where a caller builds one from original indices to name it (the decision log)."""
 
     kind: Literal["mask", "layer"]
     layer: int
     mask: int | None = None
 
     def describe(self) -> str:
+        """1-based text: ``"layer 2 mask 3"`` or ``"layer 1"``."""
         if self.kind == "layer":
             return f"layer {self.layer + 1}"
         return f"layer {self.layer + 1} mask {self.mask + 1}"
+
+    def to_plain(self) -> list:
+        """``[kind, layer, mask]`` with ``mask`` None for a layer: the saved-state form."""
+        return [self.kind, self.layer, self.mask]
+
+    @classmethod
+    def from_plain(cls, item: list) -> Candidate:
+        """Inverse of :meth:`to_plain`."""
+        kind, layer, mask = item
+        return cls(kind, int(layer), None if mask is None else int(mask))
 
 
 @dataclass
@@ -40,9 +53,10 @@ class SelectionContext:
     prunable: list[tuple[int, int]]
     """(layer, mask) pairs that may be disabled now: enabled, not in the output layer, and not
     the last enabled mask of their layer. Always sorted by (layer, mask)."""
-    failed: set[Candidate]
-    """Candidates stepped back since the last kept change; never propose one of them again until
-    a change is kept (the loop also refuses them)."""
+    failed: frozenset[Candidate]
+    """Candidates stepped back since the last kept change (the loop's one list): never propose
+    one of them again until a change is kept (the loop also refuses them). Its size is the number
+    of consecutive step-backs, which the patience rules count."""
     step: int
     """Minimization steps (decisions) made so far."""
     rng: np.random.Generator
@@ -57,9 +71,15 @@ class SelectionContext:
 
 
 class Strategy(ABC):
-    """A selection strategy (thesis 2.4.3): proposes a candidate or ``None`` to stop."""
+    """A selection strategy (thesis 2.4.3): proposes a candidate or ``None`` to stop.
+
+    Built from the minimization's config, of which each strategy reads the fields that concern
+    it (``patience``, ``random_steps``). ``name`` is set by ``register_strategy``."""
 
     name: ClassVar[str]
+
+    def __init__(self, config: MinimizeConfig) -> None:
+        self.config = config
 
     @abstractmethod
     def propose(self, ctx: SelectionContext) -> Candidate | None:
@@ -74,51 +94,3 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
-
-
-@dataclass
-class StrategyOptions:
-    """Options shared by the strategies (each uses the ones that concern it)."""
-
-    patience: int = 2
-    """Ranked strategies stop after this many consecutive step-backs (thesis cosmax: 2); after
-    the k-th consecutive failure the (k+1)-th ranked mask is tried."""
-    max_steps: int = 10
-    """random: stop after this many minimization steps (thesis 4.3: 10)."""
-    oracle_steps: int = 200
-    """oracle: length of the short retrain used to try each enabled mask."""
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.patience, int) and self.patience >= 1):
-            raise ConfigError(f"--patience: must be a positive integer, got {self.patience!r}")
-        if not (isinstance(self.max_steps, int) and self.max_steps >= 1):
-            raise ConfigError(f"--random-steps: must be a positive integer, got {self.max_steps!r}")
-        if not (isinstance(self.oracle_steps, int) and self.oracle_steps >= 0):
-            raise ConfigError(f"--oracle-steps: must be a non-negative integer, "
-                              f"got {self.oracle_steps!r}")
-
-
-STRATEGIES: dict[str, Callable[[StrategyOptions], Strategy]] = {}
-"""Registry: strategy name → factory taking the shared options."""
-
-
-def register_strategy(name: str):
-    """Class decorator: ``@register_strategy("l1")`` makes the strategy selectable by name."""
-
-    def deco(factory):
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} registered twice")
-        STRATEGIES[name] = factory
-        return factory
-
-    return deco
-
-
-def make_strategy(name: str, options: StrategyOptions | None = None) -> Strategy:
-    """A fresh strategy by name; an unknown name → ConfigError listing the known ones."""
-    import selfscale.minimize.strategies  # noqa: F401  (fills the registry)
-
-    if name not in STRATEGIES:
-        raise ConfigError(f"--strategy: unknown strategy {name!r}; choose from "
-                          + ", ".join(sorted(STRATEGIES)))
-    return STRATEGIES[name](options or StrategyOptions())

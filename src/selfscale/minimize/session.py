@@ -1,5 +1,4 @@
-"""A minimization stored in a run directory: starting, resuming, its result files, and which
-network (base or minimized) a run directory serves.
+"""A minimization stored in a run directory: starting, resuming, and its result files.
 
 Files in ``RUN/minimize/``::
 
@@ -8,6 +7,9 @@ Files in ``RUN/minimize/``::
     decisions.csv / .jsonl one row per decision: what was tried, scores, ratio, kept, time
     summary.json           before/after: masks, layers, parameters, MACs per pixel, scores
     masks.txt              the mask matrix over the original network (thesis's one-hot matrix)
+
+Which network a run directory serves (base or minimized) is the run module's business
+(:func:`selfscale.run.network`); this package depends on runs, never the reverse.
 """
 
 from __future__ import annotations
@@ -16,37 +18,21 @@ import csv
 import io
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from selfscale.checkpoint import atomic_write_text, load_state, save_state
 from selfscale.config import MinimizeConfig
-from selfscale.errors import CheckpointError, ConfigError
 from selfscale.data import Datasets
-from selfscale.minimize.loop import (LoopHooks, Minimization, TrainEnv, mask_matrix, minimize,
-                                     start, summary)
-from selfscale.model import FCN
-from selfscale.run import (CONFIG_FILE, HISTORY_FILE, META_FILE, STATE_FILE, Run,
-                           check_new_run_dir, load_run, load_train_state, pin_threads,
-                           prepare_data, train_run)
+from selfscale.errors import ConfigError
+from selfscale.minimize.loop import LoopHooks, Minimization, mask_matrix, minimize, start, summary
+from selfscale.run import (CONFIG_FILE, FINAL_FILE, HISTORY_FILE, LOOP_FILE, META_FILE, MIN_DIR,
+                           STATE_FILE, SUMMARY_FILE, Run, check_new_run_dir, pin_threads,
+                           train_run, with_steps)
 from selfscale.train import TrainHooks, evaluate
-
-MIN_DIR = "minimize"
-LOOP_FILE = "state.pt"
-FINAL_FILE = "final.pt"
-STAGES = ("auto", "base", "minimized")
-
-
-def train_env(run: Run, data: Datasets) -> TrainEnv:
-    cfg = run.config
-    return TrainEnv(train_set=data.train, eval_set=data.eval,
-                    device=next(run.state.model.parameters()).device, loss=cfg.train.loss,
-                    batch=cfg.data.batch, train_crop=cfg.data.effective_train_crop,
-                    eval_crop=cfg.data.crop, flips=cfg.data.flips, init_std=cfg.model.init_std)
 
 
 def copy_run(src: Path, dst: Path) -> None:
@@ -65,57 +51,52 @@ class MinimizeResult:
     summary: dict[str, Any]
 
 
-def minimize_run(run_dir: Path, config: MinimizeConfig, *, out: Path | None = None,
-                 resume: bool = False, device: str = "auto", progress: bool = False,
+def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path | None = None,
+                 resume: bool = False,
                  on_decision: Callable[[Minimization, dict[str, Any]], None] | None = None,
                  train_hooks: TrainHooks | None = None) -> MinimizeResult:
-    """Minimize the run in ``run_dir`` (or a copy of it in ``out``) and write the results.
+    """Minimize ``run`` (in its directory, or in a copy of it in ``out``) and write the results.
+    To resume into ``out``, pass the run loaded from ``out``.
 
     With ``resume`` the stored minimization continues from its last decision with its stored
-    config; the end result equals that of an uninterrupted minimization with the same seed.
+    config; the end result equals that of an uninterrupted minimization with the same seed. When
+    nothing was saved yet, it starts from the beginning (with a warning saying so).
     """
-    run_dir = Path(run_dir)
-    load_run(run_dir)  # a missing or corrupt run fails here, before anything is written
-    target = run_dir
-    if out is not None and not resume:
-        copy_run(run_dir, Path(out))
-        target = Path(out)
-    elif out is not None:
-        target = Path(out)
+    target = Path(out) if out is not None else run.path
     mdir = target / MIN_DIR
-    if resume:
-        if not (mdir / LOOP_FILE).is_file():
-            raise ConfigError(f"--resume: no minimization to resume in {target}")
-    elif mdir.exists() and any(mdir.iterdir()):
-        raise ConfigError(f"{target} is already minimized ({mdir}); use --resume to continue "
-                          "it or --out DIR to minimize into a new run directory")
-    run = load_run(target, device)
+    if resume and not (mdir / LOOP_FILE).is_file():
+        warnings.warn(f"--resume: no minimization was saved in {target} yet; starting it from "
+                      "the beginning", stacklevel=2)
+        resume = False
+    elif not resume:
+        if out is not None:
+            copy_run(run.path, target)
+        elif mdir.exists() and any(mdir.iterdir()):
+            raise ConfigError(f"{target} is already minimized ({mdir}); use --resume to continue "
+                              "it or --out DIR to minimize into a new run directory")
+    run.path = target
     pin_threads(int(run.meta.get("threads", 0)))
     if resume:
-        m = Minimization.from_dict(load_state(mdir / LOOP_FILE),
-                                   next(run.state.model.parameters()).device)
-        env = train_env(run, prepare_data(run.config, progress=progress))
+        m = Minimization.from_dict(load_state(mdir / LOOP_FILE), run.device)
     else:
-        data = prepare_data(run.config, progress=progress)  # loaded once for both phases
         if config.base_steps is not None and config.base_steps > run.state.step:
-            run.config.train.steps = config.base_steps  # base training (thesis: 10 000 steps)
-            train_run(run, progress=progress, hooks=train_hooks, datasets=data)
-        env = train_env(run, data)
-        m = start(run.state, config, env)
+            train_run(with_steps(run, config.base_steps), data, hooks=train_hooks)  # thesis: 10 000
+        m = start(run.state, config, run.spec(), data)
         save_state(mdir / LOOP_FILE, m.to_dict())
 
     def on_save(mm: Minimization) -> None:
         save_state(mdir / LOOP_FILE, mm.to_dict())
         write_decisions(mdir, mm.log)
 
-    minimize(m, env, LoopHooks(on_decision=on_decision, on_save=on_save))
-    final_scores = evaluate(m.current.model, env.eval_set, env.eval_crop, env.device)
+    spec = run.spec()
+    minimize(m, spec, data, LoopHooks(on_decision=on_decision, on_save=on_save))
+    final_scores = evaluate(m.current.model, data.eval, spec.eval_crop, spec.device)
     final_scores.pop("n_images")
     result = summary(m, final_scores)
     final = m.current.to_dict() | {"origin": m.origin, "orig_widths": m.orig_widths}
     save_state(mdir / FINAL_FILE, final)
     write_decisions(mdir, m.log)
-    atomic_write_text(mdir / "summary.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(mdir / SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
     atomic_write_text(mdir / "masks.txt", mask_matrix_text(mask_matrix(m)))
     return MinimizeResult(target, m, result)
 
@@ -142,38 +123,3 @@ def mask_matrix_text(matrix: list[list[bool]]) -> str:
         lines.append(f"layer {i + 1}: " + " ".join("1" if on else "0" for on in row)
                      + ("   (layer removed)" if not any(row) else ""))
     return "\n".join(lines) + "\n"
-
-
-def has_minimized(run_dir: Path) -> bool:
-    return (Path(run_dir) / MIN_DIR / FINAL_FILE).is_file()
-
-
-def load_network(run_dir: Path, stage: str = "auto",
-                 device: str | torch.device = "cpu") -> tuple[Run, FCN, str]:
-    """The network a run directory serves: the minimized one when it exists (``auto``), or the
-    stage asked for. Returns (run, model, stage used)."""
-    if stage not in STAGES:
-        raise ConfigError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
-    run = load_run(run_dir, device)
-    started = (Path(run_dir) / MIN_DIR / LOOP_FILE).is_file()
-    if stage == "auto" and started and not has_minimized(run_dir):
-        raise CheckpointError(f"{run_dir}: its minimization has not finished (no "
-                              f"{MIN_DIR}/{FINAL_FILE}); continue it with 'selfscale minimize "
-                              f"{run_dir} --resume', or use --stage base")
-    if stage == "base" or (stage == "auto" and not has_minimized(run_dir)):
-        return run, run.state.model, "base"
-    if not has_minimized(run_dir):
-        raise CheckpointError(f"--stage minimized: {run_dir} has not been minimized "
-                              f"(run 'selfscale minimize {run_dir}' first)")
-    state = load_train_state(Path(run_dir) / MIN_DIR / FINAL_FILE, device)
-    return run, state.model, "minimized"
-
-
-def load_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / MIN_DIR / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"minimization summary is corrupt: {path}") from None

@@ -1,5 +1,5 @@
 """Selection strategies (thesis 2.4.3, 4.3): pure mask-ranking functions, then the strategies
-that turn a ranking into the next candidate, each registered by name.
+that turn a ranking into the next candidate, and the registry that makes them selectable by name.
 
 A *mask* is one output channel of a convolution: its k×k kernels over the input channels,
 flattened, with its bias appended (thesis 2.4.3). Every ranking function looks only at the
@@ -18,15 +18,15 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfscale.errors import CheckpointError
-from selfscale.minimize.proposal import (Candidate, SelectionContext, Strategy, StrategyOptions,
-                                         register_strategy)
+from selfscale.config import MinimizeConfig
+from selfscale.errors import CheckpointError, ConfigError
+from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
 from selfscale.model import FCN, MaskedConv2d
 
 REDUCTIONS = ("max", "mean", "min", "std", "median")
@@ -214,64 +214,69 @@ def rank(scores: dict[Key, float], candidates: Iterable[Key], *,
     return sorted(candidates, key=key)
 
 
+# --- registry -------------------------------------------------------------------------------------
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+"""Registry: strategy name → strategy class (built from the MinimizeConfig)."""
+
+_S = TypeVar("_S", bound=type[Strategy])
+
+
+def register_strategy(name: str) -> Callable[[_S], _S]:
+    """Class decorator: ``@register_strategy("l1")`` sets the class's ``name`` and makes it
+    selectable by that name."""
+
+    def deco(cls: _S) -> _S:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} registered twice")
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return deco
+
+
+def make_strategy(name: str, config: MinimizeConfig | None = None) -> Strategy:
+    """A fresh strategy by name, reading its options from ``config`` (default: the defaults);
+    an unknown name → ConfigError listing the known ones."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"--strategy: unknown strategy {name!r}; choose from "
+                          + ", ".join(sorted(STRATEGIES)))
+    return STRATEGIES[name](config if config is not None else MinimizeConfig())
+
+
 # --- strategies -----------------------------------------------------------------------------------
 
 def _mask(key: Key) -> Candidate:
     return Candidate("mask", key[0], key[1])
 
 
-def _to_plain(c: Candidate) -> list:
-    return [c.kind, c.layer, c.mask]
-
-
-def _from_plain(item: list) -> Candidate:
-    kind, layer, mask = item
-    return Candidate(kind, int(layer), None if mask is None else int(mask))
-
-
 class _Base(Strategy):
-    """Remembers the candidates stepped back since the last kept change (they are never proposed
-    again until a change is kept, in addition to ``ctx.failed``) and the consecutive failures."""
+    """Checks that a saved state is its own; the open candidates exclude ``ctx.failed``."""
 
-    def __init__(self, options: StrategyOptions) -> None:
-        self.options = options
-        self.failures = 0
-        self.failed: list[Candidate] = []
-
-    def update(self, candidate: Candidate, kept: bool) -> None:
-        if kept:
-            self.failures, self.failed = 0, []
-        else:
-            self.failures += 1
-            if candidate not in self.failed:
-                self.failed.append(candidate)
-
-    def open_candidates(self, ctx: SelectionContext) -> list[Key]:
+    @staticmethod
+    def open_candidates(ctx: SelectionContext) -> list[Key]:
         """``ctx.prunable`` without the candidates stepped back since the last keep, sorted."""
-        excluded = set(ctx.failed) | set(self.failed)
-        return sorted(k for k in ctx.prunable if _mask(k) not in excluded)
+        return sorted(k for k in ctx.prunable if _mask(k) not in ctx.failed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"strategy": self.name, "failures": self.failures,
-                "failed": [_to_plain(c) for c in self.failed]}
+        return {"strategy": self.name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("strategy") != self.name:
             raise CheckpointError(f"strategy state is for {state.get('strategy')!r}, "
                                   f"not {self.name!r}")
-        self.failures = int(state["failures"])
-        self.failed = [_from_plain(item) for item in state["failed"]]
 
 
 class RankedStrategy(_Base):
     """The thesis 4.3 CosMax rule for any ranking.
 
     After a kept change (or at the start) the first candidate of the ranking is proposed. After
-    ``k`` consecutive step-backs the first candidate of a fresh ranking that was not stepped back
-    since the last keep is proposed: the network is restored exactly after a step-back, so the
-    ranking is unchanged and this is its ``(k+1)``-th candidate. The strategy stops after
-    ``options.patience`` consecutive step-backs (thesis: 2, "if that also failed then the exiting
-    criterion is met") or when no candidate is left.
+    ``k`` consecutive step-backs (``len(ctx.failed)``) the first candidate of a fresh ranking that
+    was not stepped back since the last keep is proposed: the network is restored exactly after a
+    step-back, so the ranking is unchanged and this is its ``(k+1)``-th candidate. The strategy
+    stops after ``config.patience`` consecutive step-backs (thesis: 2, "if that also failed then
+    the exiting criterion is met") or when no candidate is left.
     """
 
     highest_first: ClassVar[bool] = False
@@ -284,7 +289,7 @@ class RankedStrategy(_Base):
         return rank(self.scores(ctx), self.open_candidates(ctx), highest_first=self.highest_first)
 
     def propose(self, ctx: SelectionContext) -> Candidate | None:
-        if self.failures >= self.options.patience:
+        if len(ctx.failed) >= self.config.patience:
             return None
         ranked = self.ranking(ctx)
         return _mask(ranked[0]) if ranked else None
@@ -309,71 +314,36 @@ class CosineStrategy(RankedStrategy):
             conv, self.reduce, self.absolute, inputs=inputs))
 
 
-@register_strategy("cosmax")
-class CosMax(CosineStrategy):
-    """Thesis 4.3 CosMax: the mask with the greatest single similarity to another goes first."""
-    name, reduce, absolute = "cosmax", "max", False
+COSINE_FIRST = {
+    "max": "the mask with the greatest single similarity to another (thesis 4.3 CosMax)",
+    "mean": "the mask with the highest average similarity to the others (thesis 2.4.3)",
+    "min": "the mask whose least similar partner is the most similar (Table 4.1)",
+    "std": "the mask with the most spread similarities (Table 4.1)",
+    "median": "the mask with the highest median similarity (Table 4.1)",
+}
+"""What goes first under each reduction (one per :data:`REDUCTIONS`): one strategy ``cos<reduce>``
+per row, and ``cos<reduce>-abs`` on |similarity| (an inverted copy counts as redundant, 2.4.3)."""
 
 
-@register_strategy("cosmean")
-class CosMean(CosineStrategy):
-    """The mask with the highest average similarity to the others goes first (thesis 2.4.3)."""
-    name, reduce, absolute = "cosmean", "mean", False
+def _cosine_strategy(reduce: str, absolute: bool) -> type[CosineStrategy]:
+    """The registered ``cos<reduce>`` (or ``cos<reduce>-abs``) strategy class."""
+    name = f"cos{reduce}" + ("-abs" if absolute else "")
+    first = COSINE_FIRST[reduce]
+    doc = f"{first[0].upper()}{first[1:]} goes first" + (", on |similarity|." if absolute else ".")
+    cls = type("".join(part.capitalize() for part in name.split("-")), (CosineStrategy,),
+               {"reduce": reduce, "absolute": absolute, "__module__": __name__, "__doc__": doc})
+    return register_strategy(name)(cls)
 
 
-@register_strategy("cosmin")
-class CosMin(CosineStrategy):
-    """The mask whose least similar partner is the most similar goes first (Table 4.1)."""
-    name, reduce, absolute = "cosmin", "min", False
-
-
-@register_strategy("cosstd")
-class CosStd(CosineStrategy):
-    """The mask with the most spread similarities goes first (Table 4.1)."""
-    name, reduce, absolute = "cosstd", "std", False
-
-
-@register_strategy("cosmedian")
-class CosMedian(CosineStrategy):
-    """The mask with the highest median similarity goes first (Table 4.1)."""
-    name, reduce, absolute = "cosmedian", "median", False
-
-
-@register_strategy("cosmax-abs")
-class CosMaxAbs(CosineStrategy):
-    """As cosmax on |similarity|: an inverted copy counts as redundant (thesis 2.4.3)."""
-    name, reduce, absolute = "cosmax-abs", "max", True
-
-
-@register_strategy("cosmean-abs")
-class CosMeanAbs(CosineStrategy):
-    """As cosmean on |similarity|."""
-    name, reduce, absolute = "cosmean-abs", "mean", True
-
-
-@register_strategy("cosmin-abs")
-class CosMinAbs(CosineStrategy):
-    """As cosmin on |similarity|."""
-    name, reduce, absolute = "cosmin-abs", "min", True
-
-
-@register_strategy("cosstd-abs")
-class CosStdAbs(CosineStrategy):
-    """As cosstd on |similarity|."""
-    name, reduce, absolute = "cosstd-abs", "std", True
-
-
-@register_strategy("cosmedian-abs")
-class CosMedianAbs(CosineStrategy):
-    """As cosmedian on |similarity|."""
-    name, reduce, absolute = "cosmedian-abs", "median", True
+COSINE_STRATEGIES = {cls.name: cls for cls in (_cosine_strategy(reduce, absolute)
+                                               for absolute in (False, True)
+                                               for reduce in COSINE_FIRST)}
+"""The ten cosine strategies by name: cosmax … cosmedian, cosmax-abs … cosmedian-abs."""
 
 
 @register_strategy("l1")
 class L1(RankedStrategy):
     """Smallest mean |weight| first (:func:`l1_scores`, Li et al. 2017)."""
-
-    name = "l1"
 
     def scores(self, ctx: SelectionContext) -> dict[Key, float]:
         return _per_layer(ctx.model, l1_scores)
@@ -382,8 +352,6 @@ class L1(RankedStrategy):
 @register_strategy("fpgm")
 class FPGM(RankedStrategy):
     """Closest to its layer's geometric median first (:func:`fpgm_scores`, He et al. 2019)."""
-
-    name = "fpgm"
 
     def scores(self, ctx: SelectionContext) -> dict[Key, float]:
         return _per_layer(ctx.model, fpgm_scores)
@@ -394,25 +362,21 @@ class Taylor(RankedStrategy):
     """Smallest first-order Taylor importance first (:func:`taylor_scores`, Molchanov et al.),
     measured on ``ctx.batches()`` with ``ctx.loss_fn``."""
 
-    name = "taylor"
-
     def scores(self, ctx: SelectionContext) -> dict[Key, float]:
         return taylor_scores(ctx.model, ctx.batches(), ctx.loss_fn)
 
 
 @register_strategy("random")
 class Random(_Base):
-    """Thesis 4.3 Random: a uniformly random open candidate, ``options.max_steps`` steps.
+    """Thesis 4.3 Random: a uniformly random open candidate, ``config.random_steps`` steps.
 
-    The draw: ``open = sorted(ctx.prunable minus the candidates stepped back since the last
-    keep)``, then ``open[ctx.rng.integers(len(open))]`` — exactly one draw from the loop's
-    generator per proposal. Stops when ``ctx.step >= options.max_steps`` or nothing is open.
+    The draw: ``open = sorted(ctx.prunable minus ctx.failed)``, then
+    ``open[ctx.rng.integers(len(open))]`` — exactly one draw from the loop's generator per
+    proposal. Stops when ``ctx.step >= config.random_steps`` or nothing is open.
     """
 
-    name = "random"
-
     def propose(self, ctx: SelectionContext) -> Candidate | None:
-        if ctx.step >= self.options.max_steps:
+        if ctx.step >= self.config.random_steps:
             return None
         open_ = self.open_candidates(ctx)
         if not open_:
@@ -430,14 +394,11 @@ class Seq(_Base):
     that is not prunable when the cursor passes it (the last enabled one of its layer) is skipped.
     """
 
-    name = "seq"
-
-    def __init__(self, options: StrategyOptions) -> None:
-        super().__init__(options)
+    def __init__(self, config: MinimizeConfig) -> None:
+        super().__init__(config)
         self.cursor: Key | None = None
 
     def update(self, candidate: Candidate, kept: bool) -> None:
-        super().update(candidate, kept)
         if candidate.kind == "mask":
             self.cursor = (candidate.layer, candidate.mask)
 
@@ -459,20 +420,19 @@ class Seq(_Base):
 
 @register_strategy("oracle")
 class Oracle(_Base):
-    """Tries every open candidate with ``ctx.trial`` (apply, retrain ``options.oracle_steps``
-    steps, score, restore) and proposes the best: the highest score, ties to the lowest
-    (layer, mask); a NaN score never wins.
+    """Tries every open candidate with ``ctx.trial`` (apply, retrain ``config.oracle_steps``
+    steps, score, restore — done by the loop) and proposes the best: the highest score, ties to
+    the lowest (layer, mask); a NaN score never wins.
 
-    Stop rule (patience 1, ``options.patience`` is not used): after one step-back, since the best
-    candidate failed no other can be expected to pass; or when nothing is open.
+    Stop rule (patience 1, ``config.patience`` is not used): after one step-back (``ctx.failed``
+    not empty), since the best candidate failed no other can be expected to pass; or when nothing
+    is open.
     """
-
-    name = "oracle"
 
     def propose(self, ctx: SelectionContext) -> Candidate | None:
         if ctx.trial is None:
             raise RuntimeError("oracle strategy needs ctx.trial (the loop's apply-retrain-score)")
-        if self.failures >= 1:
+        if ctx.failed:
             return None
         best: Candidate | None = None
         best_score = -math.inf

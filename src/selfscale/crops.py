@@ -1,0 +1,73 @@
+"""Crops and batches cut from whole images: random training batches, centre crops, fit checks.
+
+Crops are cut from the whole arrays of an :class:`~selfscale.data.ImageSet`, so a crop's target
+equals the operator applied to the whole image, then cropped (no border effects at crop edges).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from selfscale.data import ImageSet
+from selfscale.errors import ConfigError
+
+
+def require_crop_fits(images: ImageSet, crop: int) -> None:
+    """ConfigError naming --crop, the number of eval images it does not fit and the first of
+    them, unless every image is at least ``crop`` on both sides."""
+    too_small = [(n, x.shape) for n, x in zip(images.names, images.inputs) if min(x.shape) < crop]
+    if too_small:
+        name, (h, w) = too_small[0]
+        raise ConfigError(f"--crop: {crop} does not fit {len(too_small)} eval image(s), e.g. "
+                          f"{name} ({h}×{w}); use a smaller --crop or --full")
+
+
+def sample_batch(images: ImageSet, rng: np.random.Generator, batch: int, crop: int,
+                 flips: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` random ``crop``×``crop`` crops of inputs and targets, each (N, 1, crop, crop).
+
+    For each crop in turn, ``rng`` is consumed in this fixed order: image index
+    ``rng.integers(len(images))``; top ``rng.integers(H − crop + 1)``; left
+    ``rng.integers(W − crop + 1)``; then, only when ``flips``, ``rng.random() < 0.5`` for a
+    horizontal flip (columns reversed) and ``rng.random() < 0.5`` for a vertical one (rows
+    reversed), applied identically to input and target. A seed therefore reproduces the batches.
+    """
+    if not len(images):
+        raise ValueError("sample_batch: the image set is empty")
+    xs = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    ys = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    for i in range(batch):
+        k = int(rng.integers(len(images)))
+        image, target = images.inputs[k], images.targets[k]
+        h, w = image.shape
+        if h < crop or w < crop:
+            raise ValueError(f"sample_batch: crop {crop} does not fit {images.names[k]} ({w}×{h})")
+        top = int(rng.integers(h - crop + 1))
+        left = int(rng.integers(w - crop + 1))
+        x = image[top:top + crop, left:left + crop]
+        y = target[top:top + crop, left:left + crop]
+        if flips:
+            if rng.random() < 0.5:
+                x, y = x[:, ::-1], y[:, ::-1]
+            if rng.random() < 0.5:
+                x, y = x[::-1, :], y[::-1, :]
+        xs[i, 0] = x
+        ys[i, 0] = y
+    return xs, ys
+
+
+def center_crops(images: ImageSet, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centre ``crop``×``crop`` of every input and target, (N, 1, crop, crop) float32.
+
+    The crop starts at row ``(H − crop) // 2`` and column ``(W − crop) // 2``.
+    """
+    xs = np.empty((len(images), 1, crop, crop), dtype=np.float32)
+    ys = np.empty((len(images), 1, crop, crop), dtype=np.float32)
+    for i, (name, image, target) in enumerate(zip(images.names, images.inputs, images.targets)):
+        h, w = image.shape
+        if h < crop or w < crop:
+            raise ValueError(f"center_crops: crop {crop} does not fit {name} ({w}×{h})")
+        top, left = (h - crop) // 2, (w - crop) // 2
+        xs[i, 0] = image[top:top + crop, left:left + crop]
+        ys[i, 0] = target[top:top + crop, left:left + crop]
+    return xs, ys
