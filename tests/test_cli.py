@@ -111,10 +111,13 @@ def test_resume_refuses_a_changed_flag_naming_both_values(trained, tmp_path, cap
 
 
 def test_minimize_writes_results_and_info_serves_the_minimized_network(minimized, capsys):
-    """The seeded seq minimization at threshold 0.5: 4 mask decisions, then the layer sweep
+    """The seeded seq minimization at threshold 0.5: removing layer 1's first mask leaves its
+    third dead (removed with that decision), two more mask decisions, then the layer sweep
     removes layer 1 (kept) and fails on layer 2, leaving layer 2's third mask alone."""
     summary = json.loads((minimized / "minimize" / "summary.json").read_text())
-    assert (summary["decisions"], summary["kept"]) == (6, 5)
+    assert (summary["decisions"], summary["kept"]) == (5, 4)
+    log = [json.loads(line) for line in (minimized / "minimize/decisions.jsonl").open()]
+    assert [d["dead"] for d in log] == [["layer 1 mask 3"], [], [], [], []]
     assert summary["widths_after"] == [1, 1] and summary["parameters_after"] == 20
     assert summary["mask_matrix"] == [[False] * 3, [False, False, True], [True]]
     assert main(["info", str(minimized)]) == 0

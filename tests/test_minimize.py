@@ -59,6 +59,8 @@ def _scripted(monkeypatch, scores):
         return state.history[-1]
 
     monkeypatch.setattr(loop, "retrain", fake_retrain)
+    # the scripted weights do not change, so which masks are dead is not what these tests test
+    monkeypatch.setattr(loop, "remove_dead_masks", lambda m, spec, data: [])
     return seen
 
 
@@ -267,20 +269,25 @@ def test_results_files_and_stage_selection(trained, tmp_path):
 
 
 def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch):
-    """disabled / others-frozen reset the mask (zero) and let it relearn: masks are tested once,
-    none is removed, and others-frozen freezes every other mask during the retrain only."""
+    """disabled / others-frozen redraw the mask (by default) and let it relearn: masks are tested
+    once, none is removed, and others-frozen freezes every other mask during the retrain only."""
     run, _ = trained
     env = _env(run)
     for mode in ("disabled", "others-frozen"):
         m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False,
                                             mode=mode), *env)
+        _scripted(monkeypatch, [])
         frozen_seen = []
 
         def fake(state, steps, spec, data, frozen_seen=frozen_seen, m=m):
             frozen_seen.append(sum(sum(f) for f in state.model.frozen_masks()))
-            zeroed = [bool((layer.weight.abs().sum(dim=(1, 2, 3)) == 0).any())
-                      for layer in state.model.layers]
-            assert any(zeroed), "the tested mask is reset to zero"
+            snapshot = [layer.weight for layer in m.current.model.layers]  # before the change
+            changed = [(i, k) for i, (layer, old) in enumerate(zip(state.model.layers, snapshot))
+                       for k in range(layer.out_channels)
+                       if not torch.equal(layer.weight[k], old[k])]
+            assert len(changed) == 1, "exactly the tested mask is redrawn"
+            i, k = changed[0]
+            assert bool(state.model.layers[i].weight[k].abs().sum() > 0), "redrawn, not zeroed"
             state.history.append({"step": state.step, "f1": m.reference, "mae": 0.1,
                                   "mse": 0.01, "uiqi": 0.5, "loss": 0.1})
             return state.history[-1]
@@ -292,3 +299,53 @@ def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch
         assert sum(sum(f) for f in m.current.model.frozen_masks()) == 0
         total = 3 + 3 + 1
         assert frozen_seen == ([0] * 6 if mode == "disabled" else [total - 1] * 6)
+
+
+def test_a_redrawn_mask_moves_while_retraining(trained):
+    """Mode disabled, real retraining: the tested mask is redrawn and then trained."""
+    from selfscale.minimize.proposal import Candidate
+
+    run, _ = trained
+    spec, data = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="seq", mode="disabled"), spec, data)
+    before = m.current.model.layers[0].weight[1].detach().clone()
+    trial = loop.alter(m, Candidate("mask", 0, 1), spec)
+    redrawn = trial.model.layers[0].weight[1].detach().clone()
+    assert not torch.equal(redrawn, before) and bool(redrawn.abs().sum() > 0)
+    loop.retrain(trial, 30, spec, data)
+    assert not torch.equal(trial.model.layers[0].weight[1], redrawn), "it relearns"
+
+
+def test_others_frozen_retrains_only_the_tested_mask(trained):
+    """Mode others-frozen, real retraining: every weight but the tested mask's stays put."""
+    from selfscale.minimize.proposal import Candidate
+
+    run, _ = trained
+    spec, data = _env(run)
+    m = start(run.state, MinimizeConfig(strategy="seq", mode="others-frozen"), spec, data)
+    trial = loop.alter(m, Candidate("mask", 0, 0), spec)
+    after_alter = {k: v.detach().clone() for k, v in trial.model.state_dict().items()}
+    loop.retrain(trial, 30, spec, data)
+    now = trial.model.state_dict()
+    assert not torch.equal(now["layers.0.weight"][0], after_alter["layers.0.weight"][0])
+    assert torch.equal(now["layers.0.weight"][1:], after_alter["layers.0.weight"][1:])
+    assert torch.equal(now["layers.0.bias"][1:], after_alter["layers.0.bias"][1:])
+    for name in ("layers.1.weight", "layers.1.bias", "layers.2.weight", "layers.2.bias"):
+        assert torch.equal(now[name], after_alter[name]), name
+
+
+def test_a_zeroed_mask_is_dead_reported_and_compacted_away(trained, tmp_path):
+    """--no-reinit zeroes the tested mask; it cannot relearn, so after the (real) retrain the kept
+    decision reports it dead, the summary counts it removed and compaction drops it."""
+    from selfscale.compact import compact_model
+
+    cfg = MinimizeConfig(strategy="seq", mode="others-frozen", reinit=False, threshold=0.1,
+                         metric="mae",
+                         retrain_steps=10, max_steps=1, layers=False)
+    with pytest.warns(UserWarning, match="cannot relearn"):
+        res = minimize_run(trained[1] / "base", cfg, out=tmp_path / "z")
+    (d,) = res.minimization.log
+    assert d["tried"] == "layer 1 mask 1" and d["kept"] and "layer 1 mask 1" in d["dead"]
+    assert res.summary["mask_matrix"][0][0] is False
+    assert res.summary["widths_after"][0] < 3
+    assert compact_model(res.minimization.current.model).widths[0] == res.summary["widths_after"][0]

@@ -121,3 +121,56 @@ def test_dead_initialization_is_redrawn():
     assert n >= 1
     with torch.no_grad():
         assert (state.model(probe) > 0).any()
+
+
+def test_a_non_finite_weight_stops_training_and_keeps_the_last_good_checkpoint(image_dir,
+                                                                               tmp_path):
+    """A NaN injected into a weight after step 25: the next step's loss is NaN, training stops
+    with a TrainingError naming step 26, and the checkpoint of step 20 resumes exactly."""
+    from selfscale.errors import TrainingError
+
+    full = _train(start_run(_config(image_dir, tmp_path / "c", steps=40), tmp_path / "full"))
+
+    def poison(step, loss):
+        if step == 25:
+            with torch.no_grad():
+                run.state.model.layers[1].weight[0, 0, 0, 0] = float("nan")
+
+    run = start_run(_config(image_dir, tmp_path / "c", steps=40), tmp_path / "part")
+    with pytest.raises(TrainingError, match=r"diverged at step 26: the training loss is nan.*"
+                                            r"last checkpoint is kept.*lower --lr"):
+        _train(run, hooks=TrainHooks(on_step=poison))
+    again = load_run(tmp_path / "part")
+    assert again.state.step == 20 and all(torch.isfinite(p).all()
+                                          for p in again.state.model.parameters())
+    _train(again)
+    assert _scores(full.state.history) == _scores(again.state.history)
+
+
+def test_diverged_training_is_one_line_with_exit_code_1(image_dir, tmp_path, capsys,
+                                                        monkeypatch):
+    import selfscale.train
+    from selfscale.cli import main
+
+    monkeypatch.setattr(selfscale.train, "train_step", lambda *a: float("inf"))
+    assert main(["train", "--data", str(image_dir), "--crop", "24", "--steps", "5",
+                 "--out", str(tmp_path / "r"), "--threads", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("selfscale: error: training diverged at step 1: the training loss is inf; "
+                   "nothing from this step on was saved, the last checkpoint is kept (hint: "
+                   "lower --lr, now 0.001)")
+
+
+def test_a_dead_network_is_reported_and_not_minimized(image_dir, tmp_path, capsys):
+    """lr 10 kills the output ReLU: a warning with a hint, run.json says dead, minimize refuses."""
+    import json
+
+    from selfscale.cli import main
+
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(image_dir), "--crop", "24", "--steps", "20", "--lr", "10",
+                 "--out", str(run), "--threads", "1", "--quiet"]) == 0
+    assert "the network is dead" in capsys.readouterr().err
+    assert json.loads((run / "run.json").read_text())["dead"] is True
+    assert main(["minimize", str(run), "--quiet"]) == 2
+    assert "the base network is dead" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from pathlib import Path
 from selfscale import __version__
 from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig, TaskConfig,
                               TrainConfig)
-from selfscale.errors import ConfigError, SelfscaleError
+from selfscale.errors import ConfigError, SelfscaleError, TrainingError
 from selfscale.flags import Parser, add_config_flags, common_options, given_values
 from selfscale.views import (decision_printer, demo_text, evaluate_text, export_text, info_text,
                              minimization_text, train_progress, train_text)
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SelfscaleError as exc:
         print(f"selfscale: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, TrainingError) else 2
     except OSError as exc:  # unwritable --out, a file where a folder is needed, disk full …
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"selfscale: error: {where}{exc.strerror or exc}", file=sys.stderr)

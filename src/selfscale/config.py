@@ -390,8 +390,10 @@ class MinimizeConfig:
     """--random-steps: the random strategy stops after this many steps (thesis: 10)."""
     oracle_steps: int = 200
     """--oracle-steps: short retrain the oracle strategy uses to try each mask."""
-    reinit: bool = False
-    """--reinit: in modes disabled / others-frozen, redraw the tested mask instead of zeroing it."""
+    reinit: bool = True
+    """--reinit/--no-reinit: in modes disabled / others-frozen, redraw the tested mask from the
+    initial distribution (the thesis's reinitialize); --no-reinit zeroes it instead, and a zeroed
+    ReLU mask cannot relearn (it is reported dead and removed)."""
     seed: int = 0
     """--seed: seed of the minimization's own random choices (random strategy, re-inits)."""
 

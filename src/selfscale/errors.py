@@ -18,3 +18,8 @@ class DataError(SelfscaleError):
 
 class CheckpointError(SelfscaleError):
     """A run directory or checkpoint is missing, corrupt or incompatible."""
+
+
+class TrainingError(SelfscaleError):
+    """Training went wrong (a non-finite loss or weight): the CLI prints one line and exits with
+    code 1; the last good checkpoint is kept."""

@@ -16,7 +16,7 @@ including the output layer, whose width is 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,33 @@ def active_parameter_count(model: FCN) -> int:
 
 def active_macs_per_pixel(model: FCN) -> int:
     return macs_per_pixel(model.active_widths(), model.kernel, model.in_channels)
+
+
+@torch.no_grad()
+def mask_activity(model: FCN, inputs: Iterable[Tensor]) -> list[Tensor]:
+    """Per layer, the share of pixels (over every input batch) where each mask's output (after
+    its ReLU) is positive: 0.0 marks a *dead* mask, one that outputs zero on all those pixels."""
+    counts = [torch.zeros(layer.out_channels, dtype=torch.float64) for layer in model.layers]
+    total = 0
+    for x in inputs:
+        total += x.shape[0] * x.shape[2] * x.shape[3]
+        for i, layer in enumerate(model.layers):
+            x = F.relu(layer(x))
+            counts[i] += (x > 0).sum(dim=(0, 2, 3)).double().cpu()
+    return [c / max(total, 1) for c in counts]
+
+
+def dead_masks(activity: list[Tensor], model: FCN) -> list[tuple[int, int]]:
+    """(layer, mask) of the enabled hidden masks with zero activity that can be removed: never
+    the output layer's mask, and never the last enabled mask of a layer."""
+    out = []
+    for i, (act, layer) in enumerate(zip(activity[:-1], model.layers[:-1])):
+        enabled = layer.enabled.tolist()
+        dead = [k for k, on in enumerate(enabled) if on and float(act[k]) == 0.0]
+        if len(dead) == sum(enabled):
+            dead = dead[1:]  # keep one: a layer with no mask left would cut the network
+        out += [(i, k) for k in dead]
+    return out
 
 
 def receptive_field(n_layers: int, kernel: int) -> int:

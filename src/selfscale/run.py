@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ from selfscale.data import Datasets, load_datasets
 from selfscale.errors import CheckpointError, ConfigError
 from selfscale.model import FCN, active_parameter_count, build_model, parameter_count
 from selfscale.tasks import get_task, resolve_params
-from selfscale.train import (TrainHooks, TrainSpec, TrainState, as_input, best_record, new_state,
-                             resolve_device, revive_dead_init, train)
+from selfscale.train import (TrainHooks, TrainSpec, TrainState, as_input, best_record, is_dead,
+                             new_state, resolve_device, revive_dead_init, train)
 
 CONFIG_FILE = "config.toml"
 META_FILE = "run.json"
@@ -288,7 +289,12 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
 
     train(run.state, data.train, data.eval, spec, until_step=cfg.train.steps,
           hooks=TrainHooks(user_hooks.on_step, user_hooks.on_eval, checkpoint))
+    run.meta["dead"] = is_dead(run.state.model, data.eval, spec.eval_crop, spec.device)
     save_run(run)
+    if run.meta["dead"]:
+        warnings.warn(f"{run.path}: the network is dead, its output is zero on every eval pixel "
+                      "(the output ReLU died, so no gradient can move it); hint: lower --lr or "
+                      "try another --seed", stacklevel=2)
     return run
 
 

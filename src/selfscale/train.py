@@ -6,6 +6,7 @@ step, random generators, score history); :func:`TrainState.to_dict` is what a ch
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from selfscale.crops import center_crops, sample_batch
 from selfscale.data import ImageSet
+from selfscale.errors import TrainingError
 from selfscale.metrics import LOSSES, METRICS
 from selfscale.model import FCN
 
@@ -229,11 +231,17 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
         # 2. one optimizer step
         value = train_step(state.model, state.optimizer, as_input(x_np, device),
                            as_input(y_np, device), loss_fn)
+        if not math.isfinite(value):
+            raise diverged(state, f"the training loss is {value}")
         state.step += 1
         if hooks.on_step:
             hooks.on_step(state.step, value)
         # 3. evaluate on the whole eval set every eval_every steps and at the end
-        if state.step % spec.eval_every == 0 or state.step == until_step:
+        evaluating = state.step % spec.eval_every == 0 or state.step == until_step
+        saving = hooks.on_checkpoint and (state.step % save_every == 0 or state.step == until_step)
+        if (evaluating or saving) and not finite_weights(state.model):
+            raise diverged(state, "a weight became non-finite")
+        if evaluating:
             record = {"step": state.step, "loss": value,
                       **evaluate(state.model, eval_set, spec.eval_crop, device),
                       "train_seconds": round(time.perf_counter() - t0, 3)}
@@ -242,9 +250,27 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
             if hooks.on_eval:
                 hooks.on_eval(state, record)
         # 4. checkpoint
-        if hooks.on_checkpoint and (state.step % save_every == 0 or state.step == until_step):
+        if saving:
             hooks.on_checkpoint(state)
     return state
+
+
+def finite_weights(model: FCN) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def diverged(state: TrainState, what: str) -> TrainingError:
+    """The one-line error of a training that produced non-finite numbers at its next step."""
+    return TrainingError(f"training diverged at step {state.step + 1}: {what}; nothing from this "
+                         f"step on was saved, the last checkpoint is kept (hint: lower --lr, now "
+                         f"{state.lr:g})")
+
+
+def is_dead(model: FCN, images: ImageSet, crop: int, device: torch.device) -> bool:
+    """True when the network's output is zero on every pixel of the eval crops (a dead ReLU
+    output: every gradient is zero, training cannot move it)."""
+    return not any(bool((out > 0).any()) for out, _ in predict_batches(model, images, crop,
+                                                                         device))
 
 
 def best_record(history: list[dict[str, Any]], metric: str = "f1") -> dict[str, Any] | None:

@@ -66,7 +66,8 @@ def decision_text(d: dict[str, Any]) -> str:
     verdict = "kept" if d["kept"] else "stepped back"
     return (f"  step {d['step']:>3}  {d['tried']:<20} {d['metric']} {d['score']:.4f}  "
             f"ratio {d['ratio']:.3f} {'>=' if d['kept'] else '<'} {d['threshold']}  "
-            f"{verdict:<12}  active {_slash(d['active'])}  ({d['seconds']:.1f} s)")
+            f"{verdict:<12}  active {_slash(d['active'])}  ({d['seconds']:.1f} s)"
+            + (f"  dead, removed: {', '.join(d['dead'])}" if d.get("dead") else ""))
 
 
 def minimization_text(s: dict[str, Any]) -> str:

@@ -28,7 +28,8 @@ from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, pruna
                                       remove_hidden_layer, removable_layers, unfreeze_others)
 from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
 from selfscale.minimize.strategies import make_strategy
-from selfscale.model import FCN, active_macs_per_pixel, active_parameter_count
+from selfscale.model import (FCN, active_macs_per_pixel, active_parameter_count, dead_masks,
+                             mask_activity)
 from selfscale.train import EVAL_BATCH, TrainSpec, TrainState, as_input, evaluate, train
 
 PHASES = ("masks", "layers", "done")
@@ -182,8 +183,10 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         r = ratio(score, m.reference, cfg.metric)
         kept = r >= cfg.threshold
         reference_before = m.reference
+        dead: list[str] = []
         if kept:
             accept(m, trial, cand)
+            dead = remove_dead_masks(m, spec, data)
             if cfg.reference == "previous":
                 m.reference = score
         else:
@@ -194,7 +197,8 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         m.steps_trained += cfg.retrain_steps
         elapsed = time.perf_counter() - t0
         m.seconds += elapsed
-        entry = decision_record(m, cand, record, reference_before, r, kept, elapsed)
+        entry = decision_record(m, cand, record, reference_before, r, kept, elapsed) | {
+            "dead": dead}
         m.log.append(entry)
         if hooks.on_decision:
             hooks.on_decision(m, entry)
@@ -252,6 +256,19 @@ def accept(m: Minimization, trial: TrainState, cand: Candidate) -> None:
     trial.reset_optimizer()
     m.current = trial
     m.failed = []
+
+
+def remove_dead_masks(m: Minimization, spec: TrainSpec, data: Datasets) -> list[str]:
+    """After a kept change: disable and freeze every hidden mask of the snapshot whose output is
+    zero on every eval pixel (a *dead* mask: removing it cannot change the eval score). Returns
+    their names in the original network."""
+    model = m.current.model
+    dead = dead_masks(mask_activity(model, (x for x, _ in eval_batches(spec, data))), model)
+    for layer, mask in dead:
+        model.set_enabled(layer, mask, False)
+        model.set_frozen(layer, mask, True)
+    return [Candidate("mask", m.origin[layer][0], m.origin[layer][1 + mask]).describe()
+            for layer, mask in dead]
 
 
 def step_back(m: Minimization, cand: Candidate) -> None:

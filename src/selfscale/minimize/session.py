@@ -32,7 +32,8 @@ from selfscale.minimize.loop import LoopHooks, Minimization, mask_matrix, minimi
 from selfscale.run import (CONFIG_FILE, FINAL_FILE, HISTORY_FILE, LOOP_FILE, META_FILE, MIN_DIR,
                            STATE_FILE, SUMMARY_FILE, Run, check_new_run_dir, pin_threads,
                            train_run, with_steps)
-from selfscale.train import TrainHooks, evaluate
+from selfscale.minimize.alter import REMOVING_MODE
+from selfscale.train import TrainHooks, evaluate, is_dead
 
 
 def copy_run(src: Path, dst: Path) -> None:
@@ -81,7 +82,16 @@ def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path 
     else:
         if config.base_steps is not None and config.base_steps > run.state.step:
             train_run(with_steps(run, config.base_steps), data, hooks=train_hooks)  # thesis: 10 000
-        m = start(run.state, config, run.spec(), data)
+        spec = run.spec()
+        if is_dead(run.state.model, data.eval, spec.eval_crop, spec.device):
+            raise ConfigError(f"{run.path}: the base network is dead (its output is zero on every "
+                              "eval pixel), so there is nothing to minimize; train it again with "
+                              "a lower --lr or another --seed")
+        if config.mode != REMOVING_MODE and not config.reinit:
+            warnings.warn(f"--no-reinit: a mask reset to zero outputs zero everywhere, its ReLU "
+                          f"passes no gradient and it cannot relearn in mode {config.mode}; "
+                          "such masks are reported dead and removed", stacklevel=2)
+        m = start(run.state, config, spec, data)
         save_state(mdir / LOOP_FILE, m.to_dict())
 
     def on_save(mm: Minimization) -> None:
@@ -103,7 +113,7 @@ def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path 
 
 DECISION_FIELDS = ("step", "phase", "strategy", "tried", "layer", "mask", "metric", "reference",
                    "score", "ratio", "threshold", "kept", "steps_trained", "active", "f1", "mae",
-                   "mse", "uiqi", "seconds")
+                   "mse", "uiqi", "seconds", "dead")
 
 
 def write_decisions(mdir: Path, log: list[dict[str, Any]]) -> None:
@@ -111,7 +121,8 @@ def write_decisions(mdir: Path, log: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=DECISION_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in log:
-        writer.writerow({**row, "active": " ".join(map(str, row["active"]))})
+        writer.writerow({**row, "active": " ".join(map(str, row["active"])),
+                         "dead": "; ".join(row.get("dead", []))})
     atomic_write_text(mdir / "decisions.csv", buf.getvalue())
     atomic_write_text(mdir / "decisions.jsonl", "".join(json.dumps(r) + "\n" for r in log))
 
