@@ -72,3 +72,31 @@ def test_toml_errors_name_the_file(tmp_path):
     bad.write_text("[data\ncrop = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(bad)
+
+
+def test_the_thesis_recipe_is_a_preset_below_flags():
+    """--recipe thesis: Adam at a constant 1e-3, truncated normal 0.05, batch 3, 256² crops,
+    10 000 steps; a value given explicitly still wins."""
+    thesis = RunConfig.from_dict({"train": {"recipe": "thesis"}})
+    assert (thesis.data.batch, thesis.data.train_crop, thesis.data.crop) == (3, 256, 256)
+    assert (thesis.train.lr, thesis.train.schedule, thesis.train.steps) == (1e-3, "constant",
+                                                                            10_000)
+    assert (thesis.model.init, thesis.model.init_std) == ("trunc-normal", 0.05)
+    tweaked = RunConfig.from_dict({"train": {"recipe": "thesis", "lr": 5e-4},
+                                   "data": {"batch": 6}})
+    assert tweaked.train.lr == 5e-4 and tweaked.data.batch == 6
+    assert tweaked.train.schedule == "constant"
+    default = RunConfig.from_dict({})
+    assert (default.train.recipe, default.train.schedule, default.model.init) == (
+        "capacity", "cosine", "he")
+    assert RunConfig.from_dict(thesis.to_dict()) == thesis  # a stored config round-trips
+
+
+@pytest.mark.parametrize("raw, flag", [({"train": {"recipe": "fast"}}, "--recipe"),
+                                       ({"train": {"schedule": "step"}}, "--schedule"),
+                                       ({"train": {"warmup": 0.9}}, "--warmup"),
+                                       ({"model": {"init": "xavier"}}, "--init"),
+                                       ({"train": {"stop_after": -1}}, "--stop-after")])
+def test_recipe_settings_are_validated(raw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        RunConfig.from_dict(raw)

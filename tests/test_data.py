@@ -42,7 +42,7 @@ def counting(task):
 def cfg(tmp_path, **kwargs) -> DataConfig:
     kwargs.setdefault("crop", 16)
     kwargs.setdefault("cache_dir", tmp_path / "cache")
-    return DataConfig(**kwargs)
+    return DataConfig(**{"train_crop": None, **kwargs})
 
 
 def entries(tmp_path):
@@ -403,7 +403,7 @@ def bundled(tmp_path_factory):
     """The default bundled data set at the default crop, built once into a module cache."""
     cache = tmp_path_factory.mktemp("bundled-cache")
     with no_warnings():
-        return load_datasets(DataConfig(cache_dir=cache), SOBEL, SOBEL_PARAMS), cache
+        return load_datasets(DataConfig(cache_dir=cache, train_crop=None), SOBEL, SOBEL_PARAMS), cache
 
 
 def test_bundled_split_is_fixed_and_disjoint():

@@ -23,7 +23,8 @@ def trained(tmp_path_factory, rect_folder):
     root = tmp_path_factory.mktemp("mini")
     imgs = rect_folder("mini-imgs", 6, (40, 44), seed=0, corner=(3, 20), size=(15, 17), level=0.9)
     cfg = RunConfig(
-        data=DataConfig(data=imgs, crop=32, batch=2, eval_fraction=0.34, cache_dir=root / "c"),
+        data=DataConfig(data=imgs, crop=32, train_crop=None, batch=2, eval_fraction=0.34,
+                        cache_dir=root / "c"),
         task=TaskConfig(name="sobel"),
         model=ModelConfig(widths=(3, 3, 1), kernel=3, init_std=0.1),
         train=TrainConfig(steps=200, eval_every=100, lr=0.003, seed=0, device="cpu", threads=1))

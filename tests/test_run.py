@@ -13,7 +13,8 @@ from selfscale.run import load_run, network, resume_run, start_run
 @pytest.fixture
 def run_dir(tmp_path, rect_folder):
     imgs = rect_folder("run-imgs", 4, (36, 40), seed=2, corner=(2, 16), size=(14, 16), level=0.8)
-    cfg = RunConfig(data=DataConfig(data=imgs, crop=24, batch=2, cache_dir=tmp_path / "c"),
+    cfg = RunConfig(data=DataConfig(data=imgs, crop=24, train_crop=None, batch=2,
+                                    cache_dir=tmp_path / "c"),
                     task=TaskConfig(name="canny"),
                     model=ModelConfig(widths=(2, 1), kernel=3),
                     train=TrainConfig(steps=10, eval_every=5, threads=1, device="cpu"))
@@ -60,7 +61,7 @@ def test_configs_cannot_be_changed_after_validation():
 
 
 def test_resume_accepts_equal_values_and_refuses_changes(run_dir):
-    run = resume_run(run_dir, {"train": {"steps": 20, "lr": 1e-3, "eval_every": 5},
+    run = resume_run(run_dir, {"train": {"steps": 20, "lr": 3e-3, "eval_every": 5},
                                "task": {"name": "canny", "params": {"sigma": "1.4142135623730951"}},
                                "model": {"widths": (2, 1)}})
     assert run.config.train.steps == 20

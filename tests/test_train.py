@@ -1,5 +1,7 @@
 """Training: determinism by seed, exact resume after a kill, evaluation, dead-init revival."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,7 +25,8 @@ def image_dir(rect_folder):
 
 def _config(image_dir, cache, steps=30, seed=0, task="sobel"):
     return RunConfig(
-        data=DataConfig(data=image_dir, crop=32, batch=2, eval_fraction=0.34, cache_dir=cache),
+        data=DataConfig(data=image_dir, crop=32, train_crop=None, batch=2, eval_fraction=0.34,
+                        cache_dir=cache),
         task=TaskConfig(name=task),
         model=ModelConfig(widths=(3, 2, 1), kernel=3, init_std=0.2),
         train=TrainConfig(steps=steps, eval_every=10, lr=0.01, seed=seed, device="cpu", threads=1),
@@ -153,12 +156,12 @@ def test_diverged_training_is_one_line_with_exit_code_1(image_dir, tmp_path, cap
     from selfscale.cli import main
 
     monkeypatch.setattr(selfscale.train, "train_step", lambda *a: float("inf"))
-    assert main(["train", "--data", str(image_dir), "--crop", "24", "--steps", "5",
+    assert main(["train", "--data", str(image_dir), "--crop", "24", "--train-crop", "24", "--steps", "5",
                  "--out", str(tmp_path / "r"), "--threads", "1", "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == ("selfscale: error: training diverged at step 1: the training loss is inf; "
                    "nothing from this step on was saved, the last checkpoint is kept (hint: "
-                   "lower --lr, now 0.001)")
+                   "lower --lr, now 0.003)")
 
 
 def test_a_dead_network_is_reported_and_not_minimized(image_dir, tmp_path, capsys):
@@ -168,9 +171,61 @@ def test_a_dead_network_is_reported_and_not_minimized(image_dir, tmp_path, capsy
     from selfscale.cli import main
 
     run = tmp_path / "r"
-    assert main(["train", "--data", str(image_dir), "--crop", "24", "--steps", "20", "--lr", "10",
+    assert main(["train", "--data", str(image_dir), "--crop", "24", "--train-crop", "24", "--steps", "20",
+                 "--lr", "10",
                  "--out", str(run), "--threads", "1", "--quiet"]) == 0
     assert "the network is dead" in capsys.readouterr().err
     assert json.loads((run / "run.json").read_text())["dead"] is True
     assert main(["minimize", str(run), "--quiet"]) == 2
     assert "the base network is dead" in capsys.readouterr().err
+
+
+def test_learning_rate_schedule_known_values():
+    """Linear warm-up over ⌊0.1·100⌋ = 10 steps, then cosine from lr to 1% of it; a retrain's
+    spec restarts the schedule at its own first step."""
+    import math
+
+    from selfscale.model import Init
+    from selfscale.train import TrainSpec, learning_rate
+
+    spec = TrainSpec(loss="mae", batch=1, train_crop=8, eval_crop=8, flips=False, eval_every=10,
+                     checkpoint_every=0, device=torch.device("cpu"), init=Init(), lr=0.1,
+                     schedule="cosine", warmup=0.1, schedule_steps=100)
+    assert learning_rate(spec, 0) == pytest.approx(0.01)
+    assert learning_rate(spec, 9) == pytest.approx(0.1)
+    assert learning_rate(spec, 10) == pytest.approx(0.1)
+    assert learning_rate(spec, 55) == pytest.approx(0.1 * (0.01 + 0.99 * 0.5 *
+                                                           (1 + math.cos(math.pi * 0.5))))
+    assert learning_rate(spec, 100) == pytest.approx(0.001)
+    assert learning_rate(spec, 500) == pytest.approx(0.001)
+    retrain = spec.for_retrain(1000, 20)
+    assert learning_rate(retrain, 1000) == pytest.approx(0.05)  # warm-up of 2 steps restarts
+    assert (retrain.eval_every, retrain.checkpoint_every) == (20, 0)
+    constant = dataclasses.replace(spec, schedule="constant")
+    assert learning_rate(constant, 0) == learning_rate(constant, 99) == 0.1
+
+
+def test_keep_best_ends_on_the_best_evaluation(image_dir, tmp_path):
+    """--keep-best: the weights after training are those of the evaluation with the best F1."""
+    run = start_run(dataclasses.replace(
+        _config(image_dir, tmp_path / "c", steps=60),
+        train=TrainConfig(steps=60, eval_every=10, seed=0, device="cpu", threads=1,
+                          keep_best=True)), tmp_path / "r")
+    _train(run)
+    best = max(run.state.history, key=lambda r: (r["f1"], -r["step"]))
+    assert run.state.best["step"] == best["step"]
+    for k, v in run.state.model.state_dict().items():
+        assert torch.equal(v.cpu(), run.state.best["model"][k]), k
+
+
+def test_stop_after_stops_on_stagnation_and_stays_stopped(image_dir, tmp_path):
+    """--stop-after 1 with a learning rate too small to improve: training stops at the first
+    evaluation that does not beat the best, and a resumed run does not go on."""
+    cfg = dataclasses.replace(_config(image_dir, tmp_path / "c", steps=200),
+                              train=TrainConfig(steps=200, eval_every=10, lr=1e-9,
+                                                schedule="constant", stop_after=1, seed=0,
+                                                device="cpu", threads=1))
+    run = _train(start_run(cfg, tmp_path / "r"))
+    assert run.state.step < 200 and run.state.history[-1]["stopped"]
+    steps = run.state.step
+    assert _train(load_run(tmp_path / "r")).state.step == steps

@@ -17,6 +17,19 @@ from selfscale.errors import ConfigError
 
 LOSSES = ("mae", "mse", "f1")
 DEVICES = ("auto", "cpu", "cuda")
+INITS = ("he", "trunc-normal")
+SCHEDULES = ("cosine", "constant")
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "capacity": {},
+    "thesis": {"data": {"batch": 3, "train_crop": None},
+               "model": {"init": "trunc-normal", "init_std": 0.05},
+               "train": {"steps": 10_000, "lr": 1e-3, "schedule": "constant", "clip": 0.0,
+                         "keep_best": False}},
+}
+"""Training presets (--recipe). ``capacity`` is the dataclass defaults: the recipe found to
+train the thesis network to its capacity (README, "Training recipe"). ``thesis`` is thesis 2.3:
+Adam at a constant 1e-3, truncated normal 0.05, batch 3, 256² crops. Values given in --config
+or as flags override a preset's."""
 
 
 def _check(ok: bool, flag: str, value: Any, rule: str) -> None:
@@ -54,9 +67,10 @@ class DataConfig:
     """--eval-targets: for task 'pairs' with --eval-data, the evaluation targets."""
     crop: int = 256
     """--crop: side of the centre crop used for evaluation (thesis: 256)."""
-    train_crop: int | None = None
-    """--train-crop: side of the random training crops; None means the same as --crop."""
-    batch: int = 3
+    train_crop: int | None = 64
+    """--train-crop: side of the random training crops (thesis: 256, as --crop); None (in code
+    and presets) means the same as --crop."""
+    batch: int = 12
     """--batch: training crops per step (thesis: 3)."""
     flips: bool = False
     """--flips: random horizontal and vertical flips of training crops."""
@@ -77,9 +91,10 @@ class DataConfig:
         _check(isinstance(self.flips, bool), "--flips", self.flips, "must be true or false")
         _check(_int(self.crop) and 8 <= self.crop <= 8192, "--crop", self.crop,
                "must be an integer between 8 and 8192")
-        if self.train_crop is not None:
-            _check(_int(self.train_crop) and 8 <= self.train_crop <= 8192, "--train-crop",
-                   self.train_crop, "must be an integer between 8 and 8192")
+        if self.train_crop is None:  # stored as the value it stands for (TOML has no null)
+            object.__setattr__(self, "train_crop", self.crop)
+        _check(_int(self.train_crop) and 8 <= self.train_crop <= 8192, "--train-crop",
+               self.train_crop, "must be an integer between 8 and 8192")
         _check(_int(self.batch) and 1 <= self.batch <= 4096, "--batch", self.batch,
                "must be an integer between 1 and 4096")
         _check(_num(self.eval_fraction) and 0 < self.eval_fraction < 1,
@@ -122,10 +137,19 @@ class ModelConfig:
     """--kernel: odd side of every square mask (thesis: 5)."""
     in_channels: int = 1
     """Input channels (grayscale: 1)."""
+    init: str = "he"
+    """--init: he (weights from N(0, 2/fan_in) truncated at 2 std, biases --init-bias) or
+    trunc-normal (the thesis: weights and biases from a normal with --init-std, truncated at 2
+    std)."""
     init_std: float = 0.05
-    """--init-std: standard deviation of the truncated normal initialization (thesis: 0.05)."""
+    """--init-std: standard deviation of the trunc-normal initialization (thesis: 0.05)."""
+    init_bias: float = 0.01
+    """--init-bias: the value of every bias under --init he."""
 
     def __post_init__(self) -> None:
+        _check(self.init in INITS, "--init", self.init, f"must be one of {', '.join(INITS)}")
+        _check(_num(self.init_bias) and abs(self.init_bias) < 10, "--init-bias",
+               self.init_bias, "must be a number between -10 and 10")
         _check(isinstance(self.widths, (list, tuple)), "--widths", self.widths,
                "must be a list of integers such as [5, 5, 1]")
         object.__setattr__(self, "widths", tuple(self.widths))
@@ -147,15 +171,33 @@ class ModelConfig:
 class TrainConfig:
     """The optimizer, the length of training and how often it is evaluated."""
 
-    steps: int = 10_000
-    """--steps: training steps (one batch each) in total (thesis: 10 000)."""
+    recipe: str = "capacity"
+    """--recipe: a preset of training settings: capacity (the defaults: the recipe that trains
+    the thesis network to its capacity) or thesis (Adam at a constant 1e-3, truncated normal
+    0.05, batch 3, 256² crops, thesis 2.3). --config values and flags override single settings."""
+    steps: int = 40_000
+    """--steps: training steps (one batch each) in total (thesis: 10 000 of 256² crops; 40 000
+    of 64² × 12 take about the same time)."""
     eval_every: int = 500
     """--eval-every: evaluate on the whole eval set every N steps (and at the end)."""
     loss: str | None = None
     """--loss: mae, mse or f1 (soft F1 loss E/(2TP+E), thesis 2.3.1); None means the task's
     default (mae for continuous targets, mse for binary ones), fixed when the run starts."""
-    lr: float = 1e-3
-    """--lr: Adam learning rate."""
+    lr: float = 3e-3
+    """--lr: Adam learning rate (the peak of the cosine schedule; thesis: 1e-3 constant)."""
+    schedule: str = "cosine"
+    """--schedule: cosine (linear warm-up over the first --warmup of the steps, then cosine decay
+    to 1% of --lr; a retrain restarts it for its own length) or constant (the thesis)."""
+    warmup: float = 0.05
+    """--warmup: share of the steps used for the linear warm-up of the cosine schedule."""
+    clip: float = 0.0
+    """--clip: clip the gradient norm to this value; 0 means no clipping."""
+    keep_best: bool = False
+    """--keep-best: at the end of training, keep the weights of the evaluation with the best F1
+    (thesis 2.4.2's 'best') instead of the last ones."""
+    stop_after: int = 0
+    """--stop-after: stop early when the eval F1 has not improved for this many evaluations
+    (thesis 2.4.2); 0 means never."""
     seed: int = 0
     """--seed: seeds initialization and batch sampling; same seed, machine and threads give the
     same weights."""
@@ -184,6 +226,18 @@ class TrainConfig:
                self.threads, "must be an integer from 0 to 1024")
         _check(_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                "--checkpoint-every", self.checkpoint_every, "must be a non-negative integer")
+        _check(self.recipe in RECIPES, "--recipe", self.recipe,
+               f"must be one of {', '.join(RECIPES)}")
+        _check(self.schedule in SCHEDULES, "--schedule", self.schedule,
+               f"must be one of {', '.join(SCHEDULES)}")
+        _check(_num(self.warmup) and 0 <= self.warmup <= 0.5, "--warmup", self.warmup,
+               "must be a number from 0 to 0.5")
+        _check(_num(self.clip) and 0 <= self.clip < 1e6, "--clip", self.clip,
+               "must be a non-negative number")
+        _check(isinstance(self.keep_best, bool), "--keep-best", self.keep_best,
+               "must be true or false")
+        _check(_int(self.stop_after) and self.stop_after >= 0, "--stop-after", self.stop_after,
+               "must be a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -214,6 +268,10 @@ class RunConfig:
                     "train": TrainConfig}
         if not isinstance(raw, dict):
             raise ConfigError(f"config: expected tables [data] [task] [model] [train], got {raw!r}")
+        recipe = raw.get("train", {}).get("recipe", TrainConfig.recipe) if isinstance(
+            raw.get("train", {}), dict) else None
+        if recipe in RECIPES:  # a preset's values sit below the ones given (a bad name: below)
+            raw = merge_sections(RECIPES[recipe], raw)
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"config: unknown section(s) {sorted(unknown)}; "
@@ -358,7 +416,8 @@ MODES = ("disabled-frozen", "disabled", "others-frozen")
 REFERENCES = ("base", "previous")
 SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
 CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--mode": MODES, "--reference": REFERENCES,
-           "--metric": SCORE_METRICS}
+           "--metric": SCORE_METRICS, "--init": INITS, "--schedule": SCHEDULES,
+           "--recipe": tuple(RECIPES)}
 """The allowed values of the flags that take one of a few names."""
 
 

@@ -16,13 +16,16 @@ including the output layer, whose width is 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 TRUNC_STDS = 2.0  # values beyond 2 standard deviations are redrawn (thesis 2.3)
+INITS = ("he", "trunc-normal")
 
 
 def trunc_normal_(tensor: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
@@ -39,6 +42,39 @@ def trunc_normal_(tensor: Tensor, std: float, generator: torch.Generator | None 
         nn.init.trunc_normal_(draw, mean=0.0, std=std, a=-TRUNC_STDS * std, b=TRUNC_STDS * std,
                               generator=generator)
         return tensor.copy_(draw)
+
+
+@dataclass(frozen=True)
+class Init:
+    """How masks are drawn, at the start and when the minimization redraws one.
+
+    * ``trunc-normal`` (thesis 2.3): weights and biases from N(0, std²) truncated to ±2·std.
+    * ``he`` (He et al. 2015, for ReLU networks): weights from N(0, 2/fan_in) truncated to
+      ±2 std, with fan_in = input channels × k × k; biases set to ``bias`` (a small positive
+      value keeps ReLUs from starting dead).
+    """
+
+    kind: str = "trunc-normal"
+    std: float = 0.05
+    """trunc-normal: the std of weights and biases."""
+    bias: float = 0.01
+    """he: the value of every bias."""
+
+    def draw_(self, weight: Tensor, bias: Tensor, generator: torch.Generator | None) -> None:
+        """Fill one layer's (or one mask's) weight and bias in place."""
+        if self.kind == "he":
+            fan_in = weight.shape[-3] * weight.shape[-2] * weight.shape[-1]
+            trunc_normal_(weight, math.sqrt(2.0 / fan_in), generator)
+            with torch.no_grad():
+                bias.fill_(self.bias)
+        else:
+            trunc_normal_(weight, self.std, generator)
+            trunc_normal_(bias, self.std, generator)
+
+
+def as_init(init: Init | float) -> Init:
+    """A float is the thesis's truncated normal with that std."""
+    return init if isinstance(init, Init) else Init("trunc-normal", float(init))
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -86,11 +122,12 @@ class FCN(nn.Module):
             x = F.relu(layer(x))
         return x
 
-    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
-        """Truncated-normal weights and biases for every layer (thesis 2.3), in layer order."""
+    def reset_parameters(self, init: Init | float,
+                         generator: torch.Generator | None = None) -> None:
+        """Draw every layer's weights and biases, in layer order (a float: the thesis's
+        truncated normal with that std)."""
         for layer in self.layers:
-            trunc_normal_(layer.weight, std, generator)
-            trunc_normal_(layer.bias, std, generator)
+            as_init(init).draw_(layer.weight, layer.bias, generator)
 
     # --- switches -----------------------------------------------------------------------------
     def set_enabled(self, layer: int, mask: int, value: bool) -> None:
@@ -99,13 +136,12 @@ class FCN(nn.Module):
     def set_frozen(self, layer: int, mask: int, value: bool) -> None:
         self.layers[layer].frozen[mask] = bool(value)
 
-    def reinit_mask(self, layer: int, mask: int, std: float,
+    def reinit_mask(self, layer: int, mask: int, init: Init | float,
                     generator: torch.Generator | None = None) -> None:
         """Redraw one mask's weights and bias from the initial distribution (thesis 2.4)."""
         conv = self.layers[layer]
         with torch.no_grad():
-            trunc_normal_(conv.weight[mask], std, generator)
-            trunc_normal_(conv.bias[mask : mask + 1], std, generator)
+            as_init(init).draw_(conv.weight[mask], conv.bias[mask : mask + 1], generator)
 
     def enabled_masks(self) -> list[list[bool]]:
         """Per layer, which masks are enabled (the thesis's one-hot mask matrix)."""
@@ -183,10 +219,10 @@ def receptive_field(n_layers: int, kernel: int) -> int:
     return n_layers * (kernel - 1) + 1
 
 
-def build_model(widths: Sequence[int], kernel: int, in_channels: int, init_std: float,
+def build_model(widths: Sequence[int], kernel: int, in_channels: int, init: Init | float,
                 seed: int) -> FCN:
     """A freshly initialized FCN; the same seed always gives the same weights."""
     model = FCN(widths, kernel, in_channels)
     gen = torch.Generator().manual_seed(seed)
-    model.reset_parameters(init_std, gen)
+    model.reset_parameters(init, gen)
     return model

@@ -34,7 +34,7 @@ from selfscale.config import (RunConfig, TaskConfig, config_diff, dumps_toml,
 from selfscale.crops import center_crops
 from selfscale.data import Datasets, load_datasets
 from selfscale.errors import CheckpointError, ConfigError
-from selfscale.model import FCN, active_parameter_count, build_model, parameter_count
+from selfscale.model import FCN, Init, active_parameter_count, build_model, parameter_count
 from selfscale.tasks import get_task, resolve_params
 from selfscale.train import (TrainHooks, TrainSpec, TrainState, as_input, best_record, is_dead,
                              new_state, resolve_device, revive_dead_init, train)
@@ -142,8 +142,12 @@ def read_run_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
                               f"{meta.get('format')}); upgrade selfscale to read it")
     where = path / CONFIG_FILE
     try:
-        if meta.get("format", 0) < 2 and "config" in meta:  # format 1 read its copy in run.json
-            where, raw = path / META_FILE, meta.pop("config")
+        if meta.get("format", 0) < 2:  # format 1: its copy in run.json, the thesis's recipe
+            if "config" in meta:
+                where, raw = path / META_FILE, meta.pop("config")
+            else:
+                raw = load_toml(where)
+            raw = merge_sections({"train": {"recipe": "thesis"}}, raw)
         else:
             raw = load_toml(where)
         return resolve_config(RunConfig.from_dict(raw)), meta
@@ -205,8 +209,9 @@ def start_run(config: RunConfig, out: Path) -> Run:
     threads = pin_threads(config.train.threads)
     config = resolve_config(config)
     device = resolve_device(config.train.device)
-    model = build_model(config.model.widths, config.model.kernel, config.model.in_channels,
-                        config.model.init_std, config.train.seed)
+    m = config.model
+    model = build_model(m.widths, m.kernel, m.in_channels, Init(m.init, m.init_std, m.init_bias),
+                        config.train.seed)
     meta = {
         "format": FORMAT_VERSION,
         "selfscale_version": __version__,
@@ -279,7 +284,7 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
     if run.state.step == 0 and "init_redraws" not in run.meta:
         probe, _ = center_crops(data.train[:8], min(cfg.data.effective_train_crop, 64))
         run.meta["init_redraws"] = revive_dead_init(run.state, as_input(probe, spec.device),
-                                                    spec.init_std)
+                                                    spec.init)
     user_hooks = hooks or TrainHooks()
 
     def checkpoint(state: TrainState) -> None:

@@ -6,6 +6,7 @@ step, random generators, score history); :func:`TrainState.to_dict` is what a ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from selfscale.crops import center_crops, sample_batch
 from selfscale.data import ImageSet
 from selfscale.errors import TrainingError
 from selfscale.metrics import LOSSES, METRICS
-from selfscale.model import FCN
+from selfscale.model import FCN, Init
 
 EVAL_BATCH = 8  # eval crops per forward pass
 EVAL_METRICS = ("f1", "mae", "mse", "uiqi")
@@ -62,6 +63,9 @@ class TrainState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     lr: float = 1e-3
+    best: dict[str, Any] | None = None
+    """With --keep-best: the best evaluation of the current training so far (step, f1, and the
+    weights on the CPU), restored when the training ends."""
 
     def reset_optimizer(self) -> None:
         self.optimizer = make_optimizer(self.model, self.lr)
@@ -79,6 +83,7 @@ class TrainState:
             "step": self.step,
             "history": list(self.history),
             "lr": self.lr,
+            "best": self.best,
         }
 
     @classmethod
@@ -93,7 +98,7 @@ class TrainState:
         gen = torch.Generator()
         gen.set_state(raw["torch_gen"])
         return cls(model, optimizer, rng, gen, int(raw["step"]), list(raw["history"]),
-                   float(raw["lr"]))
+                   float(raw["lr"]), raw.get("best"))
 
 
 def _optimizer_cpu(sd: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +115,8 @@ def new_state(model: FCN, lr: float, seed: int, device: torch.device) -> TrainSt
     return TrainState(model, make_optimizer(model, lr), rng, gen, 0, [], lr)
 
 
-def revive_dead_init(state: TrainState, probe: Tensor, std: float, max_redraws: int = 100) -> int:
+def revive_dead_init(state: TrainState, probe: Tensor, init: Init | float,
+                     max_redraws: int = 100) -> int:
     """Redraw the initialization while the network's output is exactly zero on ``probe``.
 
     The thesis's initialization (truncated normal, std 0.05) with ReLU after the output layer can
@@ -125,18 +131,40 @@ def revive_dead_init(state: TrainState, probe: Tensor, std: float, max_redraws: 
             if redraws:
                 state.reset_optimizer()
             return redraws
-        state.model.reset_parameters(std, state.torch_gen)
+        state.model.reset_parameters(init, state.torch_gen)
     raise RuntimeError(f"the network output stayed zero after {max_redraws} initializations")
 
 
 def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float:
-    """One Adam step on one batch; returns the loss before the update."""
+               loss_fn: Callable[[Tensor, Tensor], Tensor], clip: float = 0.0) -> float:
+    """One Adam step on one batch (gradient norm clipped to ``clip`` when > 0); returns the loss
+    before the update."""
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
     loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     return float(loss.detach())
+
+
+def learning_rate(spec: TrainSpec, step: int) -> float:
+    """The learning rate of the step that follows ``step`` completed steps.
+
+    ``constant``: ``spec.lr``. ``cosine``: over the schedule's window of ``spec.schedule_steps``
+    steps from ``spec.schedule_start``, step i (0-based) gets ``lr·(i+1)/W`` during the W =
+    ⌊warmup·n⌋ warm-up steps, then ``lr·(0.01 + 0.99·(1 + cos(π·p))/2)`` with p = (i − W)/(n − W)
+    going from 0 to 1 (so the rate ends at 1% of ``lr``; past the window it stays there).
+    """
+    if spec.schedule == "constant":
+        return spec.lr
+    n = max(spec.schedule_steps, 1)
+    i = step - spec.schedule_start
+    warm = int(spec.warmup * n)
+    if i < warm:
+        return spec.lr * (i + 1) / warm
+    p = min((i - warm) / max(n - warm, 1), 1.0)
+    return spec.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
 @torch.no_grad()
@@ -190,19 +218,41 @@ class TrainSpec:
     """Checkpoint every N steps; 0 means at every evaluation."""
     device: torch.device
     """Where the model and the batches live."""
-    init_std: float
-    """Std of the truncated normal used for (re)initialization draws."""
+    init: Init
+    """How masks are (re)drawn: at the start and by the minimization's redraws."""
+    lr: float = 1e-3
+    """The peak learning rate (see :func:`learning_rate`)."""
+    schedule: str = "constant"
+    warmup: float = 0.0
+    schedule_start: int = 0
+    """The step the learning-rate schedule starts at (a retrain restarts it at its first step)."""
+    schedule_steps: int = 1
+    """The length of the schedule's window."""
+    clip: float = 0.0
+    keep_best: bool = False
+    """Restore the weights of the best evaluation (by F1) when training ends."""
+    stop_after: int = 0
+    """Stop when F1 has not improved for this many evaluations of the window; 0 never."""
 
     @classmethod
     def from_config(cls, config: Any, device: torch.device) -> TrainSpec:
         """The spec of a :class:`selfscale.config.RunConfig` whose loss is resolved."""
         if config.train.loss is None:
             raise ValueError("the run config's loss must be resolved before training")
-        return cls(loss=config.train.loss, batch=config.data.batch,
+        t, m = config.train, config.model
+        return cls(loss=t.loss, batch=config.data.batch,
                    train_crop=config.data.effective_train_crop, eval_crop=config.data.crop,
-                   flips=config.data.flips, eval_every=config.train.eval_every,
-                   checkpoint_every=config.train.checkpoint_every, device=device,
-                   init_std=config.model.init_std)
+                   flips=config.data.flips, eval_every=t.eval_every,
+                   checkpoint_every=t.checkpoint_every, device=device,
+                   init=Init(m.init, m.init_std, m.init_bias), lr=t.lr, schedule=t.schedule,
+                   warmup=t.warmup, schedule_start=0, schedule_steps=t.steps, clip=t.clip,
+                   keep_best=t.keep_best, stop_after=t.stop_after)
+
+    def for_retrain(self, start: int, steps: int) -> TrainSpec:
+        """The spec of a retrain of ``steps`` steps from step ``start``: the schedule restarted
+        for its length, one evaluation at its end, no checkpoints."""
+        return dataclasses.replace(self, eval_every=steps, checkpoint_every=0,
+                                   schedule_start=start, schedule_steps=steps, stop_after=0)
 
 
 @dataclass
@@ -219,18 +269,24 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
     """Train from ``state.step`` to ``until_step``, evaluating every ``spec.eval_every`` steps and
     at the end; checkpoint (through ``hooks.on_checkpoint``) at every evaluation or every
     ``spec.checkpoint_every`` steps. Evaluation and checkpoint steps are absolute step numbers, so
-    a resumed run evaluates at the same steps as an uninterrupted one."""
+    a resumed run evaluates at the same steps as an uninterrupted one. With ``spec.stop_after``
+    it stops early on stagnation (the last evaluation is marked ``stopped``), and with
+    ``spec.keep_best`` it ends on the weights of its best evaluation."""
     hooks = hooks or TrainHooks()
     loss_fn = LOSSES[spec.loss]
     device = spec.device
     save_every = spec.checkpoint_every or spec.eval_every
     t0 = time.perf_counter()
-    while state.step < until_step:
+    stopped = bool(spec.stop_after and state.history and state.history[-1].get("stopped"))
+    while state.step < until_step and not stopped:
         # 1. sample a batch (numpy generator: reproducible, saved with the state)
         x_np, y_np = sample_batch(train_set, state.rng, spec.batch, spec.train_crop, spec.flips)
-        # 2. one optimizer step
+        # 2. one optimizer step at the schedule's learning rate
+        if spec.schedule != "constant":
+            for group in state.optimizer.param_groups:
+                group["lr"] = learning_rate(spec, state.step)
         value = train_step(state.model, state.optimizer, as_input(x_np, device),
-                           as_input(y_np, device), loss_fn)
+                           as_input(y_np, device), loss_fn, spec.clip)
         if not math.isfinite(value):
             raise diverged(state, f"the training loss is {value}")
         state.step += 1
@@ -246,13 +302,33 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
                       **evaluate(state.model, eval_set, spec.eval_crop, device),
                       "train_seconds": round(time.perf_counter() - t0, 3)}
             record.pop("n_images")
+            if spec.stop_after and _stagnated([*state.history, record], spec):
+                record["stopped"] = stopped = True
             state.history.append(record)
+            if spec.keep_best and _improves(state.best, record, spec):
+                state.best = {"step": state.step, "f1": record["f1"],
+                              "model": {k: v.detach().cpu().clone()
+                                        for k, v in state.model.state_dict().items()}}
             if hooks.on_eval:
                 hooks.on_eval(state, record)
         # 4. checkpoint
-        if saving:
+        if saving or (stopped and hooks.on_checkpoint):
             hooks.on_checkpoint(state)
+    if spec.keep_best and state.best and state.best["step"] > spec.schedule_start:
+        state.model.load_state_dict(state.best["model"])
     return state
+
+
+def _improves(best: dict[str, Any] | None, record: dict[str, Any], spec: TrainSpec) -> bool:
+    """Whether ``record`` beats the best evaluation of the current schedule window."""
+    return best is None or best["step"] <= spec.schedule_start or record["f1"] > best["f1"]
+
+
+def _stagnated(history: list[dict[str, Any]], spec: TrainSpec) -> bool:
+    """F1 has not improved for ``spec.stop_after`` evaluations of the current window."""
+    window = [r["f1"] for r in history if r["step"] > spec.schedule_start]
+    first_best = max(range(len(window)), key=lambda i: (window[i], -i))
+    return len(window) - 1 - first_best >= spec.stop_after
 
 
 def finite_weights(model: FCN) -> bool:

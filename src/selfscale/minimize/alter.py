@@ -20,7 +20,7 @@ import torch
 
 from selfscale.compact import compact_model
 from selfscale.minimize.proposal import Candidate
-from selfscale.model import FCN, MaskedConv2d, trunc_normal_
+from selfscale.model import FCN, Init, as_init
 from selfscale.train import TrainState, to_device
 
 REMOVING_MODE = "disabled-frozen"
@@ -43,27 +43,28 @@ def removable_layers(model: FCN) -> list[int]:
     return sorted(hidden, key=lambda i: (int(model.layers[i].enabled.sum()), i))
 
 
-def reset_mask(model: FCN, layer: int, mask: int, *, reinit: bool, std: float,
+def reset_mask(model: FCN, layer: int, mask: int, *, reinit: bool, init: Init | float,
                generator: torch.Generator) -> None:
     """Zero one mask's weights and bias, or redraw them from the initial distribution."""
     conv = model.layers[layer]
     with torch.no_grad():
         if reinit:
-            model.reinit_mask(layer, mask, std, generator)
+            model.reinit_mask(layer, mask, init, generator)
         else:
             conv.weight[mask].zero_()
             conv.bias[mask].zero_()
 
 
 def apply_mask_candidate(state: TrainState, cand: Candidate, mode: str, *, reinit: bool,
-                         std: float) -> None:
+                         init: Init | float) -> None:
     """Alter the network for one mask candidate according to ``mode`` (see module docstring)."""
     model = state.model
     if mode == "disabled-frozen":
         model.set_enabled(cand.layer, cand.mask, False)
         model.set_frozen(cand.layer, cand.mask, True)
         return
-    reset_mask(model, cand.layer, cand.mask, reinit=reinit, std=std, generator=state.torch_gen)
+    reset_mask(model, cand.layer, cand.mask, reinit=reinit, init=init,
+               generator=state.torch_gen)
     if mode == "others-frozen":
         for i, layer in enumerate(model.layers):
             for m in range(layer.out_channels):
@@ -95,7 +96,7 @@ def compact_state(state: TrainState) -> tuple[TrainState, list[list[int]]]:
     return out, kept
 
 
-def remove_hidden_layer(state: TrainState, layer: int, std: float) -> TrainState:
+def remove_hidden_layer(state: TrainState, layer: int, init: Init | float) -> TrainState:
     """A state whose network lacks hidden layer ``layer``; the following layer is re-made with
     inputs to fit (its weights redrawn from the initial distribution, its width unchanged).
 
@@ -111,7 +112,7 @@ def remove_hidden_layer(state: TrainState, layer: int, std: float) -> TrainState
     with torch.no_grad():
         for j, (old, fresh) in enumerate(zip(old_layers, new.layers)):
             if j == layer:  # the layer after the removed one: new input width
-                _redraw(fresh, std, state.torch_gen)
+                as_init(init).draw_(fresh.weight, fresh.bias, state.torch_gen)
             else:
                 fresh.weight.copy_(old.weight)
                 fresh.bias.copy_(old.bias)
@@ -121,8 +122,3 @@ def remove_hidden_layer(state: TrainState, layer: int, std: float) -> TrainState
                      state.step, state.history, state.lr)
     out.reset_optimizer()
     return out
-
-
-def _redraw(conv: MaskedConv2d, std: float, generator: torch.Generator) -> None:
-    trunc_normal_(conv.weight, std, generator)
-    trunc_normal_(conv.bias, std, generator)

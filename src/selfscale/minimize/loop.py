@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -137,7 +137,7 @@ def start(base: TrainState, config: MinimizeConfig, spec: TrainSpec,
 def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets) -> dict[str, Any]:
     """Train ``steps`` steps from the state's current step with the run's spec, evaluated once
     at the end; returns that evaluation."""
-    train(state, data.train, data.eval, replace(spec, eval_every=steps, checkpoint_every=0),
+    train(state, data.train, data.eval, spec.for_retrain(state.step, steps),
           until_step=state.step + steps)
     return state.history[-1]
 
@@ -237,8 +237,8 @@ def alter(m: Minimization, cand: Candidate, spec: TrainSpec) -> TrainState:
     """A copy of the snapshot with the candidate applied and a fresh optimizer."""
     trial = clone_state(m.current)
     if cand.kind == "layer":
-        return remove_hidden_layer(trial, cand.layer, spec.init_std)
-    apply_mask_candidate(trial, cand, m.config.mode, reinit=m.config.reinit, std=spec.init_std)
+        return remove_hidden_layer(trial, cand.layer, spec.init)
+    apply_mask_candidate(trial, cand, m.config.mode, reinit=m.config.reinit, init=spec.init)
     trial.reset_optimizer()
     return trial
 
