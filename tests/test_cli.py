@@ -37,7 +37,8 @@ def minimized(trained, tmp_path_factory):
     """The trained run minimized by seq at threshold 0.5 with 5 retrain steps, into a copy."""
     run = tmp_path_factory.mktemp("cli-min") / "run"
     assert main(["minimize", str(trained), "--out", str(run), "--strategy", "seq",
-                 "--threshold", "0.5", "--retrain-steps", "5", "--quiet"]) == 0
+                 "--threshold", "0.5", "--retrain-steps", "5", "--finetune-steps", "10",
+                 "--quiet"]) == 0
     return run
 
 
@@ -147,13 +148,15 @@ def test_predict_takes_a_compact_model_file(minimized, images, tmp_path):
 def test_minimize_resume_with_nothing_saved_starts_from_the_beginning(trained, tmp_path, capsys):
     run = _copy(trained, tmp_path)
     assert main(["minimize", str(run), "--resume", "--strategy", "seq", "--max-steps", "1",
+                 "--finetune-steps", "0",
                  "--retrain-steps", "2", "--quiet"]) == 0
     assert "no minimization was saved" in capsys.readouterr().err
     assert json.loads((run / "minimize/summary.json").read_text())["decisions"] == 1
 
 
 @pytest.mark.parametrize("argv, imports", [(["info"], False), (["evaluate"], False),
-                                           (["minimize", "--max-steps", "0"], True)])
+                                           (["minimize", "--max-steps", "0", "--finetune-steps",
+                                             "0"], True)])
 def test_only_minimizing_commands_import_the_minimize_package(trained, tmp_path, argv, imports):
     """evaluate, predict, info and export reach a run's networks without selfscale.minimize."""
     run = _copy(trained, tmp_path)
@@ -230,7 +233,8 @@ def test_demo_runs_end_to_end_on_bundled_images(tmp_path, capsys):
     """`selfscale demo` with tiny settings writes the run, exports and pictures."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "20", "--train-crop", "32",
-                 "--retrain-steps", "5", "--threads", "1", "--quiet"]) == 0
+                 "--retrain-steps", "5", "--finetune-steps", "5", "--threads", "1",
+                 "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "masks per layer  5/5/1 ->" in text and "onnxruntime" in text
     for name in ("minimize/summary.json", "export/compact.pt", "export/compact.onnx",
@@ -287,6 +291,7 @@ def test_resume_and_output_path_errors(images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("selfscale: error:") and len(err.strip().splitlines()) == 1
     assert main(["minimize", str(run), "--strategy", "seq", "--retrain-steps", "2",
+                 "--finetune-steps", "4",
                  "--quiet"]) == 0
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--steps", "9", "--quiet"]) == 2
@@ -303,7 +308,7 @@ def test_flags_are_generated_from_every_documented_config_field(command, classes
     """Each field whose docstring names a flag is an option of the subcommand, with that text."""
     import selfscale.config
     import selfscale.demo
-    from selfscale.config import field_docs, flag_help
+    from selfscale.flags import field_docs, flag_help
 
     with pytest.raises(SystemExit):
         main([command, "--help"])

@@ -3,7 +3,8 @@
 import pytest
 
 from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig, TaskConfig,
-                              TrainConfig, dumps_toml, load_toml)
+                              TrainConfig)
+from selfscale.tomlfile import dumps_toml, load_toml
 from selfscale.errors import ConfigError
 
 

@@ -76,7 +76,7 @@ def test_keep_and_step_back_by_threshold(trained, monkeypatch):
     """seq with scripted score ratios: kept iff ratio >= 0.95; every trial has a fresh Adam."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95, layers=False), *env)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.95, layers=False), *env)
     base = m.reference
     # seq visits (0,0) (0,1) (0,2) (1,0) (1,1) (1,2); scores relative to the base score
     seen = _scripted(monkeypatch, [base * r for r in (0.99, 0.5, 0.97, 0.94, 0.96, 0.2)])
@@ -96,7 +96,7 @@ def test_seq_never_disables_the_last_mask_of_a_layer(trained, monkeypatch):
     """With every change accepted, seq leaves exactly one mask per hidden layer."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False), *env)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.5, layers=False), *env)
     _scripted(monkeypatch, [m.reference] * 10)
     minimize(m, *env)
     assert m.current.model.active_widths() == (1, 1, 1)
@@ -108,7 +108,7 @@ def test_cosmax_stops_after_two_consecutive_failures(trained, monkeypatch):
     """Thesis 4.3: cosmax tries the 1st, then the 2nd ranked, and stops after two failures."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="cosmax", threshold=0.95, layers=False), *env)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="cosmax", threshold=0.95, layers=False), *env)
     _scripted(monkeypatch, [m.reference * r for r in (1.0, 0.1, 0.1, 1.0)])
     minimize(m, *env)
     assert [d["kept"] for d in m.log] == [True, False, False]
@@ -119,7 +119,7 @@ def test_random_stops_after_its_step_budget(trained, monkeypatch):
     """random stops after --random-steps decisions whatever the outcome."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="random", threshold=0.95, layers=False,
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="random", threshold=0.95, layers=False,
                                         random_steps=3), *env)
     _scripted(monkeypatch, [m.reference * 0.1] * 10)
     minimize(m, *env)
@@ -131,7 +131,7 @@ def test_max_steps_budget(trained, monkeypatch):
     """--max-steps caps the decisions of every phase together."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, max_steps=2), *env)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.5, max_steps=2), *env)
     _scripted(monkeypatch, [m.reference] * 10)
     minimize(m, *env)
     assert len(m.log) == 2
@@ -142,7 +142,7 @@ def test_reference_previous_compounds_and_base_does_not(trained, monkeypatch):
     run, _ = trained
     env = _env(run)
     for reference, expect in (("previous", [True, True, True]), ("base", [True, False, False])):
-        m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95, layers=False,
+        m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.95, layers=False,
                                             reference=reference, max_steps=3), *env)
         base = m.reference
         _scripted(monkeypatch, [base * 0.96, base * 0.96 * 0.96, base * 0.96 ** 3])
@@ -157,7 +157,7 @@ def test_disabled_frozen_mask_stays_unchanged_while_others_train(trained):
 
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", layers=False), *env)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", layers=False), *env)
     before = {k: v.clone() for k, v in m.current.model.state_dict().items()}
     trial = loop.alter(m, Candidate("mask", 0, 0), env[0])
     assert len(trial.optimizer.state) == 0
@@ -191,7 +191,7 @@ def test_layer_phase_after_masks(trained, monkeypatch):
     """After the strategy stops, hidden layers are tried, fewest active masks first."""
     run, _ = trained
     env = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.95), *env)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.95), *env)
     base = m.reference
     # masks (seq): keep (0,0), fail four, keep (1,2) → active 2/2/1
     # layers: tie at 2 masks → layer 1 first: kept → widths (2, 1); then layer 2: fails
@@ -208,7 +208,7 @@ def test_layer_phase_after_masks(trained, monkeypatch):
 
 
 def _min_config(**kw):
-    return MinimizeConfig(strategy="random", threshold=0.9, retrain_steps=15, random_steps=4,
+    return MinimizeConfig(finetune_steps=0, strategy="random", threshold=0.9, retrain_steps=15, random_steps=4,
                           seed=3, **kw)
 
 
@@ -275,7 +275,7 @@ def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch
     run, _ = trained
     env = _env(run)
     for mode in ("disabled", "others-frozen"):
-        m = start(run.state, MinimizeConfig(strategy="seq", threshold=0.5, layers=False,
+        m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.5, layers=False,
                                             mode=mode), *env)
         _scripted(monkeypatch, [])
         frozen_seen = []
@@ -308,7 +308,7 @@ def test_a_redrawn_mask_moves_while_retraining(trained):
 
     run, _ = trained
     spec, data = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", mode="disabled"), spec, data)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", mode="disabled"), spec, data)
     before = m.current.model.layers[0].weight[1].detach().clone()
     trial = loop.alter(m, Candidate("mask", 0, 1), spec)
     redrawn = trial.model.layers[0].weight[1].detach().clone()
@@ -323,7 +323,7 @@ def test_others_frozen_retrains_only_the_tested_mask(trained):
 
     run, _ = trained
     spec, data = _env(run)
-    m = start(run.state, MinimizeConfig(strategy="seq", mode="others-frozen"), spec, data)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", mode="others-frozen"), spec, data)
     trial = loop.alter(m, Candidate("mask", 0, 0), spec)
     after_alter = {k: v.detach().clone() for k, v in trial.model.state_dict().items()}
     loop.retrain(trial, 30, spec, data)
@@ -340,7 +340,7 @@ def test_a_zeroed_mask_is_dead_reported_and_compacted_away(trained, tmp_path):
     decision reports it dead, the summary counts it removed and compaction drops it."""
     from selfscale.compact import compact_model
 
-    cfg = MinimizeConfig(strategy="seq", mode="others-frozen", reinit=False, threshold=0.1,
+    cfg = MinimizeConfig(finetune_steps=0, strategy="seq", mode="others-frozen", reinit=False, threshold=0.1,
                          metric="mae",
                          retrain_steps=10, max_steps=1, layers=False)
     with pytest.warns(UserWarning, match="cannot relearn"):
@@ -350,3 +350,71 @@ def test_a_zeroed_mask_is_dead_reported_and_compacted_away(trained, tmp_path):
     assert res.summary["mask_matrix"][0][0] is False
     assert res.summary["widths_after"][0] < 3
     assert compact_model(res.minimization.current.model).widths[0] == res.summary["widths_after"][0]
+
+
+def test_a_nearly_dead_mask_is_tried_first_without_retraining(trained, monkeypatch):
+    """A mask silenced on the training data (a very negative bias) is proposed before the
+    strategy's first choice, in the free phase, and judged without a retrain."""
+    run, _ = trained
+    spec, data = _env(run)
+    base = loop.clone_state(run.state)
+    with torch.no_grad():
+        base.model.layers[1].bias[2] = -100.0
+    m = start(base, MinimizeConfig(finetune_steps=0, strategy="l1", threshold=0.5,
+                                   layers=False, max_steps=2), spec, data)
+    assert m.free == [(1, 2)] and m.phase == "free"
+    retrained = []
+    real = loop.retrain
+    monkeypatch.setattr(loop, "retrain", lambda s, n, sp, d: retrained.append(n) or
+                        real(s, n, sp, d))
+    minimize(m, spec, data)
+    first = m.log[0]
+    assert (first["phase"], first["tried"], first["kept"]) == ("free", "layer 2 mask 3", True)
+    assert first["ratio"] == pytest.approx(1.0) and first["steps_trained"] == 0
+    assert retrained[0] == 0 and m.log[1]["phase"] == "masks"
+
+
+def test_finetune_finishes_the_network_and_resumes_exactly(trained, tmp_path):
+    """The fine-tune trains the kept network with the recipe; a kill during it resumes to the
+    same weights; --finetune-steps 0 skips it."""
+    cfg = dict(strategy="seq", threshold=0.01, retrain_steps=5, max_steps=1, layers=False,
+               metric="mae", seed=3)
+    root = trained[1]
+    full = minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
+                        out=tmp_path / "full")
+    s = full.summary
+    assert s["finetune_steps"] == 40 and s["steps_trained"] == 5 + 40
+    assert s["scores_before_finetune"]["mae"] != s["scores_after"]["mae"]
+
+    calls = {"n": 0}
+    real_train = loop.finetune.__globals__["train"]
+
+    def dying(*args, **kw):
+        hooks = kw["hooks"]
+
+        def on_checkpoint(state):
+            hooks.on_checkpoint(state)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return real_train(*args, **{**kw, "hooks": type(hooks)(on_checkpoint=on_checkpoint)})
+
+    loop.finetune.__globals__["train"] = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
+                         out=tmp_path / "part")
+    finally:
+        loop.finetune.__globals__["train"] = real_train
+    resumed = minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
+                           out=tmp_path / "part", resume=True)
+    assert resumed.summary["scores_after"] == s["scores_after"]
+    a = load_state(tmp_path / "full/minimize/final.pt")
+    b = load_state(tmp_path / "part/minimize/final.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    skipped = minimize_run(root / "base", MinimizeConfig(finetune_steps=0, **cfg),
+                           out=tmp_path / "none")
+    assert skipped.summary["finetune_steps"] == 0
+    assert skipped.summary["scores_before_finetune"] is None
+    assert skipped.summary["steps_trained"] == 5

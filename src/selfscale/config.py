@@ -319,35 +319,6 @@ def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, str, Any, Any]]:
             if getattr(getattr(a, sec.name), f.name) != getattr(getattr(b, sec.name), f.name)]
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Each dataclass field's docstring (the string literal right below the field), whitespace
-    collapsed. They are the single source of the CLI's help texts."""
-    import ast
-    import inspect
-    import textwrap
-
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
-    return {node.target.id: " ".join(nxt.value.value.split())
-            for node, nxt in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)}
-
-
-def flag_help(doc: str) -> tuple[str | None, str]:
-    """``"--crop: side of …"`` → ``("--crop", "side of …")``; a docstring that names no flag
-    (a field the CLI does not set) → ``(None, doc)``. ``--a/--no-a: …`` names ``--a``."""
-    head, sep, rest = doc.partition(": ")
-    if not sep or not head.startswith("--") or " " in head:
-        return None, doc
-    return head.split("/")[0], rest
-
-
-def flag_of(cls: type, name: str) -> str:
-    """The CLI flag of field ``name`` of config class ``cls`` (``--name`` when it has none)."""
-    return flag_help(field_docs(cls).get(name, ""))[0] or "--" + name.replace("_", "-")
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -356,60 +327,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def dumps_toml(data: dict[str, Any]) -> str:
-    """Write a two-level dict of scalars, lists and small tables as TOML (no extra dependency)."""
-    lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
-        for key, value in values.items():
-            if not isinstance(value, dict):
-                lines.append(f"{key} = {_toml_value(value)}")
-        for key, value in nested.items():
-            lines.append("")
-            lines.append(f"[{section}.{key}]")
-            for k2, v2 in value.items():
-                if v2 is not None:  # TOML has no null: a missing key means the default
-                    lines.append(f"{_toml_key(k2)} = {_toml_value(v2)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML config file; a missing file or bad syntax is a ConfigError naming the file."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config: is a directory, expected a TOML file: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
 
 
 MODES = ("disabled-frozen", "disabled", "others-frozen")
@@ -449,6 +366,12 @@ class MinimizeConfig:
     """--random-steps: the random strategy stops after this many steps (thesis: 10)."""
     oracle_steps: int = 200
     """--oracle-steps: short retrain the oracle strategy uses to try each mask."""
+    free_below: float = 0.999
+    """--free-below: masks that output zero on at least this share of training pixels are tried
+    first, without a retrain (free removals); above 1 turns this off."""
+    finetune_steps: int = 5000
+    """--finetune-steps: after the last decision, train the minimized network this many steps
+    with the run's recipe (the schedule restarted); 0 skips it."""
     reinit: bool = True
     """--reinit/--no-reinit: in modes disabled / others-frozen, redraw the tested mask from the
     initial distribution (the thesis's reinitialize); --no-reinit zeroes it instead, and a zeroed
@@ -480,6 +403,10 @@ class MinimizeConfig:
                self.oracle_steps, "must be a non-negative integer")
         _check(_int(self.seed) and self.seed >= 0, "--seed", self.seed,
                "must be a non-negative integer")
+        _check(_num(self.free_below) and 0 < self.free_below, "--free-below", self.free_below,
+               "must be a positive number (above 1: no free removals)")
+        _check(_int(self.finetune_steps) and self.finetune_steps >= 0, "--finetune-steps",
+               self.finetune_steps, "must be a non-negative integer")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

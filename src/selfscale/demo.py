@@ -42,6 +42,8 @@ class DemoConfig:
     """--train-crop: side of the training crops (evaluation uses 256)."""
     retrain_steps: int = 2000
     """--retrain-steps: training steps after every alteration."""
+    finetune_steps: int = 5000
+    """--finetune-steps: training steps that finish the minimized network; 0 skips them."""
     strategy: str = "l1"
     """--strategy: selection strategy."""
     threshold: float = 0.95
@@ -76,7 +78,8 @@ class DemoConfig:
 
     def minimize_config(self) -> MinimizeConfig:
         return MinimizeConfig(strategy=self.strategy, threshold=self.threshold,
-                              retrain_steps=self.retrain_steps, seed=self.seed)
+                              retrain_steps=self.retrain_steps,
+                              finetune_steps=self.finetune_steps, seed=self.seed)
 
 
 def run_demo(cfg: DemoConfig, *, progress: bool = False, train_hooks: TrainHooks | None = None,

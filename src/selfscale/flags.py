@@ -14,7 +14,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfscale.config import CHOICES, field_docs, flag_help, load_toml, merge_sections
+from selfscale.config import CHOICES, merge_sections
+from selfscale.tomlfile import load_toml
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal right below the field), whitespace
+    collapsed. They are the single source of the CLI's help texts."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {node.target.id: " ".join(nxt.value.value.split())
+            for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)}
+
+
+def flag_help(doc: str) -> tuple[str | None, str]:
+    """``"--crop: side of …"`` → ``("--crop", "side of …")``; a docstring that names no flag
+    (a field the CLI does not set) → ``(None, doc)``. ``--a/--no-a: …`` names ``--a``."""
+    head, sep, rest = doc.partition(": ")
+    if not sep or not head.startswith("--") or " " in head:
+        return None, doc
+    return head.split("/")[0], rest
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The CLI flag of field ``name`` of config class ``cls`` (``--name`` when it has none)."""
+    return flag_help(field_docs(cls).get(name, ""))[0] or "--" + name.replace("_", "-")
 
 
 class Parser(argparse.ArgumentParser):

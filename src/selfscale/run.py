@@ -29,13 +29,14 @@ import torch
 
 from selfscale import __version__
 from selfscale.checkpoint import atomic_write_text, load_state, remove_orphan_temps, save_state
-from selfscale.config import (RunConfig, TaskConfig, config_diff, dumps_toml,
-                              flag_of, load_toml, merge_sections)
+from selfscale.config import RunConfig, TaskConfig, config_diff, merge_sections
 from selfscale.crops import center_crops
 from selfscale.data import Datasets, load_datasets
 from selfscale.errors import CheckpointError, ConfigError
+from selfscale.flags import flag_of
 from selfscale.model import FCN, Init, active_parameter_count, build_model, parameter_count
 from selfscale.tasks import get_task, resolve_params
+from selfscale.tomlfile import dumps_toml, load_toml
 from selfscale.train import (TrainHooks, TrainSpec, TrainState, as_input, best_record, is_dead,
                              new_state, resolve_device, revive_dead_init, train)
 

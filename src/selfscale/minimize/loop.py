@@ -24,6 +24,7 @@ from selfscale.config import MinimizeConfig
 from selfscale.crops import center_crops
 from selfscale.data import Datasets
 from selfscale.metrics import LOSSES, METRICS
+from selfscale.minimize.finish import finetune, near_dead_masks
 from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, prunable_masks,
                                       remove_hidden_layer, removable_layers, unfreeze_others)
 from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
@@ -32,7 +33,7 @@ from selfscale.model import (FCN, active_macs_per_pixel, active_parameter_count,
                              mask_activity)
 from selfscale.train import EVAL_BATCH, TrainSpec, TrainState, as_input, evaluate, train
 
-PHASES = ("masks", "layers", "done")
+PHASES = ("free", "masks", "layers", "finetune", "done")
 
 
 @dataclass
@@ -49,7 +50,11 @@ class Minimization:
     reference: float
     rng: np.random.Generator
     step: int = 0
-    phase: str = "masks"
+    phase: str = "free"
+    free: list[tuple[int, int]] = field(default_factory=list)
+    """Nearly dead masks found at the start, tried first without retraining (minimize.finish)."""
+    finetune: dict[str, Any] | None = None
+    """Once the fine-tune started: its start step, length, and the scores before it."""
     failed: list[Candidate] = field(default_factory=list)
     tested: list[tuple[int, int]] = field(default_factory=list)
     tried_layers: list[int] = field(default_factory=list)
@@ -69,6 +74,8 @@ class Minimization:
             "rng": self.rng.bit_generator.state,
             "step": self.step,
             "phase": self.phase,
+            "free": [list(f) for f in self.free],
+            "finetune": self.finetune,
             "failed": [c.to_plain() for c in self.failed],
             "tested": [list(t) for t in self.tested],
             "tried_layers": self.tried_layers,
@@ -92,6 +99,8 @@ class Minimization:
             rng=rng,
             step=int(raw["step"]),
             phase=str(raw["phase"]),
+            free=[(int(a), int(b)) for a, b in raw["free"]],
+            finetune=raw["finetune"],
             failed=[Candidate.from_plain(item) for item in raw["failed"]],
             tested=[(int(a), int(b)) for a, b in raw["tested"]],
             tried_layers=[int(x) for x in raw["tried_layers"]],
@@ -126,17 +135,23 @@ def start(base: TrainState, config: MinimizeConfig, spec: TrainSpec,
     current = clone_state(base)
     current.reset_optimizer()
     widths = list(base.model.widths)
+    free = (near_dead_masks(current.model, spec, data, seed=config.seed, share=config.free_below)
+            if config.mode == REMOVING_MODE and config.free_below <= 1 else [])
     return Minimization(
         config=config, current=current,
         origin=[[i, *range(w)] for i, w in enumerate(widths)],
         orig_widths=widths, base_scores=scores, reference=scores[config.metric],
-        rng=np.random.default_rng([config.seed, 2]),
+        rng=np.random.default_rng([config.seed, 2]), free=free,
     )
 
 
 def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets) -> dict[str, Any]:
     """Train ``steps`` steps from the state's current step with the run's spec, evaluated once
-    at the end; returns that evaluation."""
+    at the end; returns that evaluation (with 0 steps: an evaluation of the state as it is)."""
+    if steps == 0:
+        scores = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
+        scores.pop("n_images")
+        return {"step": state.step, **scores}
     train(state, data.train, data.eval, spec.for_retrain(state.step, steps),
           until_step=state.step + steps)
     return state.history[-1]
@@ -162,22 +177,25 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
     strategy = make_strategy(cfg.strategy, cfg)
     if m.strategy_state:  # a resumed minimization: the strategy continues where it was
         strategy.load_state_dict(copy.deepcopy(m.strategy_state))
-    while m.phase != "done":
+    while m.phase not in ("finetune", "done"):
         t0 = time.perf_counter()
         if cfg.max_steps is not None and m.step >= cfg.max_steps:
-            m.phase = "done"
+            m.phase = "finetune"
             break
         # 1. select
         cand = select(m, strategy, spec, data)
-        if cand is None:  # the phase is over: masks → layers → done
-            m.phase = "layers" if (m.phase == "masks" and cfg.layers) else "done"
+        if cand is None:  # the phase is over: free → masks → layers → finetune
+            m.phase = {"free": "masks", "masks": "layers" if cfg.layers else "finetune",
+                       "layers": "finetune"}[m.phase]
             m.failed = []
             _save(m, hooks)
             continue
         # 2. alter a copy of the snapshot, with a fresh optimizer (thesis 2.4)
+        free = m.phase == "free"
         trial = alter(m, cand, spec)
-        # 3. retrain and 4. evaluate
-        record = retrain(trial, cfg.retrain_steps, spec, data)
+        # 3. retrain (a free removal is judged as it is) and 4. evaluate
+        steps = 0 if free else cfg.retrain_steps
+        record = retrain(trial, steps, spec, data)
         score = record[cfg.metric]
         # 5. keep the change or step back to the snapshot
         r = ratio(score, m.reference, cfg.metric)
@@ -191,18 +209,36 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
                 m.reference = score
         else:
             step_back(m, cand)
-        strategy.update(cand, kept)
-        m.strategy_state = copy.deepcopy(strategy.state_dict())
+        if not free:
+            strategy.update(cand, kept)
+            m.strategy_state = copy.deepcopy(strategy.state_dict())
         m.step += 1
-        m.steps_trained += cfg.retrain_steps
+        m.steps_trained += steps
         elapsed = time.perf_counter() - t0
         m.seconds += elapsed
         entry = decision_record(m, cand, record, reference_before, r, kept, elapsed) | {
-            "dead": dead}
+            "dead": dead, "steps_trained": steps}
+        if free:
+            entry |= {"phase": "free", "strategy": "free"}
         m.log.append(entry)
         if hooks.on_decision:
             hooks.on_decision(m, entry)
         _save(m, hooks)
+    if m.phase == "finetune":  # finish the network (minimize.finish)
+        if cfg.finetune_steps and m.finetune is None:
+            before = evaluate(m.current.model, data.eval, spec.eval_crop, spec.device)
+            before.pop("n_images")
+            m.finetune = {"start": m.current.step, "steps": cfg.finetune_steps,
+                          "scores_before": before}
+            m.current.reset_optimizer()
+            _save(m, hooks)
+        if m.finetune is not None:
+            t0 = time.perf_counter()
+            m.finetune["scores_after"] = finetune(m.current, m.finetune, spec, data,
+                                                  lambda: _save(m, hooks))
+            m.steps_trained += m.finetune["steps"]
+            m.seconds += time.perf_counter() - t0
+        m.phase = "done"
     _save(m, hooks)
     return m
 
@@ -211,6 +247,13 @@ def select(m: Minimization, strategy: Strategy, spec: TrainSpec,
            data: Datasets) -> Candidate | None:
     """The next candidate of the current phase, or None when the phase is over."""
     model = m.current.model
+    if m.phase == "free":  # each nearly dead mask once, deadest first
+        prunable = prunable_masks(model)
+        while m.free:
+            key = m.free.pop(0)
+            if key in prunable:
+                return Candidate("mask", *key)
+        return None
     if m.phase == "masks":
         prunable = [p for p in prunable_masks(model) if p not in m.tested]
         if not prunable:
@@ -360,6 +403,9 @@ def summary(m: Minimization, final_scores: dict[str, float]) -> dict[str, Any]:
         "macs_per_pixel_after": active_macs_per_pixel(model),
         "scores_before": m.base_scores,
         "scores_after": final_scores,
+        "finetune_steps": m.finetune["steps"] if m.finetune else 0,
+        "scores_before_finetune": m.finetune["scores_before"] if m.finetune else None,
+        "free_removals": sum(1 for d in m.log if d["phase"] == "free" and d["kept"]),
         "decisions": m.step,
         "kept": sum(1 for d in m.log if d["kept"]),
         "steps_trained": m.steps_trained,

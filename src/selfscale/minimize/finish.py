@@ -1,0 +1,55 @@
+"""Before and after the loop: free removals of (nearly) dead masks, and the fine-tune that
+finishes the minimized network.
+
+* **Free removals.** A mask whose output is zero on nearly every training pixel contributes
+  (almost) nothing, whatever its weights: magnitude criteria (l1, fpgm) can rank it last while it
+  is the cheapest mask to lose. Such masks are tried first, deadest first, in a ``free`` phase:
+  each is switched off (disabled and frozen) and judged by the usual threshold *without* a
+  retrain, so the phase costs evaluations only. A stepped-back one stays for the strategy.
+* **Fine-tune.** The loop's retrains are short, so the kept network has seen only those. After
+  the last decision it trains ``--finetune-steps`` more with the run's recipe (the learning-rate
+  schedule restarted for that length), checkpointed through the loop's state so a killed
+  fine-tune resumes exactly; the summary reports the scores before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from selfscale.crops import sample_batch
+from selfscale.data import Datasets
+from selfscale.minimize.alter import prunable_masks
+from selfscale.model import FCN, mask_activity
+from selfscale.train import TrainHooks, TrainSpec, TrainState, as_input, evaluate, train
+
+PROBE_CROPS = 32
+"""Random training crops (of the run's training crop size) that measure mask activity."""
+
+
+def near_dead_masks(model: FCN, spec: TrainSpec, data: Datasets, *, seed: int,
+                    share: float) -> list[tuple[int, int]]:
+    """Prunable masks whose output is zero on at least ``share`` of the pixels of a fixed,
+    seeded sample of training crops, deadest first (ties by layer, mask)."""
+    x, _ = sample_batch(data.train, np.random.default_rng([seed, 3]), PROBE_CROPS,
+                        spec.train_crop, False)
+    activity = mask_activity(model, [as_input(x, spec.device)])
+    zero = {(layer, k): 1.0 - float(activity[layer][k]) for layer, k in prunable_masks(model)}
+    return sorted((key for key, z in zero.items() if z >= share), key=lambda k: (-zero[k], k))
+
+
+def finetune(state: TrainState, info: dict[str, Any], spec: TrainSpec, data: Datasets,
+             save: Callable[[], None]) -> dict[str, Any]:
+    """Train ``state`` from ``info['start']`` to ``info['start'] + info['steps']`` with the run's
+    recipe (schedule restarted, evaluated ten times), calling ``save`` at every evaluation;
+    returns the scores at the end. Continuing after a kill gives the same result."""
+    steps, start = info["steps"], info["start"]
+    ft = dataclasses.replace(spec.for_retrain(start, steps), eval_every=max(steps // 10, 1))
+    train(state, data.train, data.eval, ft, until_step=start + steps,
+          hooks=TrainHooks(on_checkpoint=lambda s: save()))
+    scores = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
+    scores.pop("n_images")
+    return scores
