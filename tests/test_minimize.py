@@ -49,7 +49,7 @@ def _scripted(monkeypatch, scores):
     seen = []
     it = iter(scores)
 
-    def fake_retrain(state, steps, spec, data):
+    def fake_retrain(state, steps, spec, data, **judging):
         seen.append({"adam_state": len(state.optimizer.state),
                      "active": state.model.active_widths(),
                      "widths": state.model.widths})
@@ -220,11 +220,11 @@ def test_killed_minimization_resumes_exactly(trained, tmp_path):
     calls = {"n": 0}
     real_retrain = loop.retrain
 
-    def dying(state, steps, spec, data):
+    def dying(state, steps, spec, data, **judging):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_retrain(state, steps, spec, data)
+        return real_retrain(state, steps, spec, data, **judging)
 
     loop.retrain = dying
     try:
@@ -280,7 +280,7 @@ def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch
         _scripted(monkeypatch, [])
         frozen_seen = []
 
-        def fake(state, steps, spec, data, frozen_seen=frozen_seen, m=m):
+        def fake(state, steps, spec, data, frozen_seen=frozen_seen, m=m, **judging):
             frozen_seen.append(sum(sum(f) for f in state.model.frozen_masks()))
             snapshot = [layer.weight for layer in m.current.model.layers]  # before the change
             changed = [(i, k) for i, (layer, old) in enumerate(zip(state.model.layers, snapshot))
@@ -365,8 +365,8 @@ def test_a_nearly_dead_mask_is_tried_first_without_retraining(trained, monkeypat
     assert m.free == [(1, 2)] and m.phase == "free"
     retrained = []
     real = loop.retrain
-    monkeypatch.setattr(loop, "retrain", lambda s, n, sp, d: retrained.append(n) or
-                        real(s, n, sp, d))
+    monkeypatch.setattr(loop, "retrain", lambda s, n, sp, d, **kw: retrained.append(n) or
+                        real(s, n, sp, d, **kw))
     minimize(m, spec, data)
     first = m.log[0]
     assert (first["phase"], first["tried"], first["kept"]) == ("free", "layer 2 mask 3", True)
@@ -418,3 +418,36 @@ def test_finetune_finishes_the_network_and_resumes_exactly(trained, tmp_path):
     assert skipped.summary["finetune_steps"] == 0
     assert skipped.summary["scores_before_finetune"] is None
     assert skipped.summary["steps_trained"] == 5
+
+
+def test_judge_best_keeps_a_removal_that_recovers_late_and_judges_by_its_best(trained,
+                                                                              monkeypatch):
+    """A removal scores low right after the cut; --judge best keeps it when the network
+    recovers during the retrain (scripted evaluations), and the weights of that best evaluation
+    are the snapshot afterwards. --judge final judges by the last evaluation only."""
+    from selfscale import train as train_module
+
+    run, _ = trained
+    spec, data = _env(run)
+    real_evaluate = train_module.evaluate
+    for judge, scripted, kept in (("best", [0.2, 0.3, 1.0, 0.6], True), ("final", [0.6], False)):
+        m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.9,
+                                            layers=False, max_steps=1, judge=judge,
+                                            retrain_steps=8, free_below=2), spec, data)
+        ref = m.reference
+        it = iter(scripted)
+
+        def scripted_evaluate(model, images, crop, device, it=it, ref=ref):
+            return {**real_evaluate(model, images, crop, device), "f1": next(it) * ref}
+
+        monkeypatch.setattr(train_module, "evaluate", scripted_evaluate)
+        minimize(m, spec, data)
+        monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+        (d,) = m.log
+        assert d["kept"] is kept, judge
+        assert d["ratio"] == pytest.approx(1.0 if judge == "best" else 0.6)
+        if judge == "best":  # the snapshot holds the weights of the best evaluation (step 6)
+            best = m.current.best
+            assert best["step"] == run.state.step + 6
+            assert all(torch.equal(v.cpu(), best["model"][k])
+                       for k, v in m.current.model.state_dict().items())

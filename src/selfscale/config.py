@@ -332,9 +332,10 @@ def _plain(value: Any) -> Any:
 MODES = ("disabled-frozen", "disabled", "others-frozen")
 REFERENCES = ("base", "previous")
 SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
+JUDGES = ("final", "best")
 CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--mode": MODES, "--reference": REFERENCES,
            "--metric": SCORE_METRICS, "--init": INITS, "--schedule": SCHEDULES,
-           "--recipe": tuple(RECIPES)}
+           "--recipe": tuple(RECIPES), "--judge": JUDGES}
 """The allowed values of the flags that take one of a few names."""
 
 
@@ -366,6 +367,9 @@ class MinimizeConfig:
     """--random-steps: the random strategy stops after this many steps (thesis: 10)."""
     oracle_steps: int = 200
     """--oracle-steps: short retrain the oracle strategy uses to try each mask."""
+    judge: str = "final"
+    """--judge: the retrain's score a change is judged by: final (at its end, the thesis) or best
+    (the best of 4 evaluations during it, whose weights are kept: the thesis's 'best')."""
     free_below: float = 0.999
     """--free-below: masks that output zero on at least this share of training pixels are tried
     first, without a retrain (free removals); above 1 turns this off."""
@@ -403,6 +407,8 @@ class MinimizeConfig:
                self.oracle_steps, "must be a non-negative integer")
         _check(_int(self.seed) and self.seed >= 0, "--seed", self.seed,
                "must be a non-negative integer")
+        _check(self.judge in JUDGES, "--judge", self.judge,
+               f"must be one of {', '.join(JUDGES)}")
         _check(_num(self.free_below) and 0 < self.free_below, "--free-below", self.free_below,
                "must be a positive number (above 1: no free removals)")
         _check(_int(self.finetune_steps) and self.finetune_steps >= 0, "--finetune-steps",

@@ -64,8 +64,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     lr: float = 1e-3
     best: dict[str, Any] | None = None
-    """With --keep-best: the best evaluation of the current training so far (step, f1, and the
-    weights on the CPU), restored when the training ends."""
+    """With --keep-best: the best evaluation of the current training so far (step, score, and
+    the weights on the CPU), restored when the training ends."""
 
     def reset_optimizer(self) -> None:
         self.optimizer = make_optimizer(self.model, self.lr)
@@ -230,7 +230,8 @@ class TrainSpec:
     """The length of the schedule's window."""
     clip: float = 0.0
     keep_best: bool = False
-    """Restore the weights of the best evaluation (by F1) when training ends."""
+    """Restore the weights of the best evaluation (by ``best_metric``) when training ends."""
+    best_metric: str = "f1"
     stop_after: int = 0
     """Stop when F1 has not improved for this many evaluations of the window; 0 never."""
 
@@ -306,7 +307,7 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
                 record["stopped"] = stopped = True
             state.history.append(record)
             if spec.keep_best and _improves(state.best, record, spec):
-                state.best = {"step": state.step, "f1": record["f1"],
+                state.best = {"step": state.step, "score": record[spec.best_metric],
                               "model": {k: v.detach().cpu().clone()
                                         for k, v in state.model.state_dict().items()}}
             if hooks.on_eval:
@@ -321,7 +322,10 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
 
 def _improves(best: dict[str, Any] | None, record: dict[str, Any], spec: TrainSpec) -> bool:
     """Whether ``record`` beats the best evaluation of the current schedule window."""
-    return best is None or best["step"] <= spec.schedule_start or record["f1"] > best["f1"]
+    if best is None or best["step"] <= spec.schedule_start:
+        return True
+    sign = 1 if METRICS[spec.best_metric].higher_is_better else -1
+    return sign * record[spec.best_metric] > sign * best["score"]
 
 
 def _stagnated(history: list[dict[str, Any]], spec: TrainSpec) -> bool:

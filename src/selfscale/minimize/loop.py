@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,9 +31,12 @@ from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
 from selfscale.minimize.strategies import make_strategy
 from selfscale.model import (FCN, active_macs_per_pixel, active_parameter_count, dead_masks,
                              mask_activity)
-from selfscale.train import EVAL_BATCH, TrainSpec, TrainState, as_input, evaluate, train
+from selfscale.train import (EVAL_BATCH, TrainSpec, TrainState, as_input, best_record, evaluate,
+                             train)
 
 PHASES = ("free", "masks", "layers", "finetune", "done")
+JUDGE_EVALS = 4
+"""--judge best: evaluations during each retrain."""
 
 
 @dataclass
@@ -145,15 +148,23 @@ def start(base: TrainState, config: MinimizeConfig, spec: TrainSpec,
     )
 
 
-def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets) -> dict[str, Any]:
-    """Train ``steps`` steps from the state's current step with the run's spec, evaluated once
-    at the end; returns that evaluation (with 0 steps: an evaluation of the state as it is)."""
+def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets, *,
+            judge: str = "final", metric: str = "f1") -> dict[str, Any]:
+    """Train ``steps`` steps from the state's current step with the run's spec and return the
+    evaluation the change is judged by: ``final``, the one at the end; ``best``, the best of
+    ``JUDGE_EVALS`` evaluations during the retrain, whose weights the state then holds. With 0
+    steps: an evaluation of the state as it is."""
     if steps == 0:
         scores = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
         scores.pop("n_images")
         return {"step": state.step, **scores}
-    train(state, data.train, data.eval, spec.for_retrain(state.step, steps),
-          until_step=state.step + steps)
+    start, rs = state.step, spec.for_retrain(state.step, steps)
+    if judge == "best":
+        rs = replace(rs, eval_every=max(steps // JUDGE_EVALS, 1), keep_best=True,
+                     best_metric=metric)
+    train(state, data.train, data.eval, rs, until_step=start + steps)
+    if judge == "best":
+        return best_record([r for r in state.history if r["step"] > start], metric)
     return state.history[-1]
 
 
@@ -195,7 +206,7 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         trial = alter(m, cand, spec)
         # 3. retrain (a free removal is judged as it is) and 4. evaluate
         steps = 0 if free else cfg.retrain_steps
-        record = retrain(trial, steps, spec, data)
+        record = retrain(trial, steps, spec, data, judge=cfg.judge, metric=cfg.metric)
         score = record[cfg.metric]
         # 5. keep the change or step back to the snapshot
         r = ratio(score, m.reference, cfg.metric)
@@ -333,7 +344,8 @@ def _oracle_trial(m: Minimization, cand: Candidate, spec: TrainSpec, data: Datas
         score = evaluate(trial.model, data.eval, spec.eval_crop, spec.device)[m.config.metric]
     else:
         m.steps_trained += steps
-        score = retrain(trial, steps, spec, data)[m.config.metric]
+        score = retrain(trial, steps, spec, data, judge=m.config.judge,
+                        metric=m.config.metric)[m.config.metric]
     return score if METRICS[m.config.metric].higher_is_better else -score
 
 
