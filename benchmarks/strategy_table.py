@@ -82,7 +82,8 @@ def one(job: dict) -> dict:
         return json.loads(result_file.read_text())
     target = Path(job["target"])
     cfg = MinimizeConfig(strategy=job["strategy"], threshold=job["threshold"],
-                         retrain_steps=job["retrain_steps"], seed=job["seed"])
+                         retrain_steps=job["retrain_steps"], finetune_steps=job["finetune_steps"],
+                         seed=job["seed"])
     t0 = time.perf_counter()
     resume = (target / "minimize" / "state.pt").is_file()
     run = load_run(target if resume else Path(job["base"]), "cpu")
@@ -123,6 +124,7 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=None,
                    help="base training steps (default: the recipe's)")
     p.add_argument("--retrain-steps", type=int, default=MinimizeConfig.retrain_steps)
+    p.add_argument("--finetune-steps", type=int, default=MinimizeConfig.finetune_steps)
     p.add_argument("--goal", type=int, default=6, help="count seeds with at most this many "
                                                        "active prunable masks")
     p.add_argument("--workers", type=int, default=2)
@@ -145,7 +147,7 @@ def main() -> None:
         jobs = [{"task": t, "seed": s, "strategy": st, "threshold": float(th),
                  "base": str(bases[t, s]), "target": str(args.out / f"{t}-seed{s}-{st}-{th}"),
                  "result": str(args.out / f"{t}-seed{s}-{st}-{th}.json"),
-                 "retrain_steps": args.retrain_steps}
+                 "retrain_steps": args.retrain_steps, "finetune_steps": args.finetune_steps}
                 for t, s in pairs for st in args.strategies.split(",")
                 for th in args.thresholds.split(",")]
         rows = list(pool.map(one, jobs))
