@@ -238,7 +238,8 @@ def test_demo_runs_end_to_end_on_bundled_images(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "masks per layer  5/5/1 ->" in text and "onnxruntime" in text
     for name in ("minimize/summary.json", "export/compact.pt", "export/compact.onnx",
-                 "preview.png", "masks_base.png", "masks_minimized.png"):
+                 "preview.png", "masks_base.png", "masks_minimized.png",
+                 "pictures/masks.png", "pictures/outputs.png", "pictures/decisions.png"):
         assert (out / name).is_file(), name
     preview = Image.open(out / "preview.png")
     assert preview.size[0] > 4 * 256 and preview.size[1] > 4 * 256

@@ -22,6 +22,7 @@ from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig
                               TrainConfig)
 from selfscale.errors import ConfigError, SelfscaleError, TrainingError
 from selfscale.flags import Parser, add_config_flags, common_options, given_values
+from selfscale.pictures import ENTRIES as VISUALIZE_COMMANDS
 from selfscale.study import ENTRIES as STUDY_COMMANDS
 from selfscale.views import (decision_printer, demo_text, evaluate_text, export_text, info_text,
                              minimization_text, train_progress, train_text)
@@ -301,6 +302,7 @@ COMMANDS = {
              "Train on the bundled scikit-image samples, minimize, export (torch and ONNX), time "
              "masked vs compact, and write PNG previews."),
     **STUDY_COMMANDS,
+    **VISUALIZE_COMMANDS,
 }
 """subcommand → (function, flag builder, one-line help, description)."""
 

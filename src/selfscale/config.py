@@ -208,6 +208,10 @@ class TrainConfig:
     at the same thread count."""
     checkpoint_every: int = 0
     """--checkpoint-every: also save the run state every N steps; 0 means at every evaluation."""
+    snapshot_every: int = 0
+    """--snapshot-every: every N steps (and at step 0) store the network's output for small
+    centre crops of the eval images in RUN_DIR/snapshots/, for 'selfscale visualize'; 0 (the
+    default) stores none."""
 
     def __post_init__(self) -> None:
         _check(_int(self.steps) and self.steps >= 0, "--steps", self.steps,
@@ -226,6 +230,8 @@ class TrainConfig:
                self.threads, "must be an integer from 0 to 1024")
         _check(_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                "--checkpoint-every", self.checkpoint_every, "must be a non-negative integer")
+        _check(_int(self.snapshot_every) and self.snapshot_every >= 0, "--snapshot-every",
+               self.snapshot_every, "must be a non-negative integer")
         _check(self.recipe in RECIPES, "--recipe", self.recipe,
                f"must be one of {', '.join(RECIPES)}")
         _check(self.schedule in SCHEDULES, "--schedule", self.schedule,

@@ -24,6 +24,7 @@ from selfscale.minimize.session import minimize_run
 from selfscale.run import (check_new_run_dir, default_run_dir, network, prepare_data, start_run,
                            train_run)
 from selfscale.train import TrainHooks, as_input
+from selfscale.pictures import write_pictures
 from selfscale.visualize import mask_picture, preview_grid
 
 DEMO_TASKS = ("sobel", "canny", "otsu")
@@ -126,6 +127,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = False, train_hooks: TrainHooks
                         f"minimal {small}"]).save(out / "preview.png")
     mask_picture(base_model).save(out / "masks_base.png")
     mask_picture(min_model).save(out / "masks_minimized.png")
+    write_pictures(out, out / "pictures", stage="minimized")  # what selfscale visualize writes
     return {
         "run_dir": str(out),
         "n_eval": len(x_np),
@@ -136,7 +138,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = False, train_hooks: TrainHooks
         "speed_masked_vs_compact": speed,
         "speed_base_vs_compact": speed_base,
         "pictures": [str(out / n) for n in ("preview.png", "masks_base.png",
-                                            "masks_minimized.png")],
+                                            "masks_minimized.png")] + [str(out / "pictures")],
         "seconds": {"train": round(t_train, 1), "minimize": round(t_min, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     }

@@ -41,7 +41,8 @@ def study_flags(p: argparse.ArgumentParser) -> None:
                             description=(module.DESCRIPTION + _scale_table(module))
                             .replace("%", "%%"))
         g = sp.add_argument_group("study (a flag not given takes the scale's value)")
-        for cls in dict.fromkeys((StudySpec, MinimizingSpec, module.Spec)):
+        for cls in dict.fromkeys(c for c in (StudySpec, MinimizingSpec, module.Spec)
+                                 if issubclass(module.Spec, c)):
             add_config_flags(g, cls, choices={"--scale": SCALE_NAMES, "--task": STUDY_TASKS})
         for action in sp._actions:  # lists: the generated metavar says NAME
             action.metavar = LIST_METAVARS.get(action.dest, action.metavar)

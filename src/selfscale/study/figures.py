@@ -117,3 +117,38 @@ def grid_panels(configs: Sequence[tuple[tuple[int, ...], Stats, int]],
         fig.suptitle(title)
         fig.tight_layout()
         return _save(fig, stem)
+
+
+def drop_gain_panels(points: Sequence[tuple[int, int, int, float, float, float]],
+                     layers: Sequence[int], stem: Path, *, title: str) -> Path:
+    """Fig 4.1: drop against gain per mask. ``points``: (seed, layer, mask, drop, gain, best)
+    per mask. First panel every layer (colour per layer), then one panel per layer; in each,
+    every choice as a dot and the best choice per network (the mask with the highest *best* of
+    its seed among the panel's masks) as a star."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 1 + len(layers), figsize=(3.6 * (1 + len(layers)), 3.5),
+                                 squeeze=False, sharex=True, sharey=True)
+        colours = plt.get_cmap("tab10")
+        for ax, shown in zip(axes[0], [tuple(layers)] + [(layer,) for layer in layers]):
+            pts = [p for p in points if p[1] in shown]
+            for i, layer in enumerate(layers):
+                mine = [p for p in pts if p[1] == layer]
+                if mine:
+                    ax.plot([p[3] for p in mine], [p[4] for p in mine], "o", ms=4, alpha=0.6,
+                            color=colours(i), label=f"layer {layer}")
+            best: dict[int, tuple] = {}
+            for p in pts:
+                if not math.isnan(p[5]) and (p[0] not in best or p[5] > best[p[0]][5]):
+                    best[p[0]] = p
+            if best:
+                ax.plot([p[3] for p in best.values()], [p[4] for p in best.values()], "*",
+                        ms=11, color="black", mfc="gold", label="best choice per network")
+            ax.axhline(0, color="0.4", lw=0.8)
+            ax.axvline(0, color="0.4", lw=0.8)
+            ax.set_title("all layers" if len(shown) > 1 else f"layer {shown[0]}", fontsize=9)
+            ax.set_xlabel("drop (1 − rel. score after disabling)")
+        axes[0][0].set_ylabel("gain (best − rel. score after disabling)")
+        axes[0][0].legend(fontsize=7, loc="best")
+        fig.suptitle(title)
+        fig.tight_layout()
+        return _save(fig, stem)

@@ -85,6 +85,8 @@ def write_report(directory: Path, out: Path | None = None) -> Report:
                if (rec := read_record(trial_file(directory, t["id"]))) is not None}
     analysis = module.analyse(spec, plan, records, directory)
     figures = module.draw(analysis, out / "figures")
+    if hasattr(module, "write_tables"):  # a study's own result files (CSV, Markdown)
+        module.write_tables(analysis, out)
     csv_path = write_results_csv(plan, directory)
     if out.resolve() != directory.resolve():
         atomic_write_text(out / RESULTS_FILE, csv_path.read_text())

@@ -76,7 +76,7 @@ class StudySpec:
     """What every study shares: the task, the scale, and how its base networks are trained."""
 
     study: str
-    """The study's name (strategies, gridsearch)."""
+    """The study's name (strategies, gridsearch, correlation)."""
     scale: str
     """--scale: smoke (about a minute on 2 cores), laptop (tens of minutes) or thesis (the
     thesis's counts); every count can be overridden by its flag (default laptop)."""
@@ -224,7 +224,8 @@ def path_or_none(value: Any, flag: str) -> str | None:
 # --- the studies and their trials ----------------------------------------------------------------
 
 THESIS_WIDTHS = (5, 5, 1)
-STUDIES = {"strategies": "selfscale.study.strategies", "gridsearch": "selfscale.study.gridsearch"}
+STUDIES = {"strategies": "selfscale.study.strategies", "gridsearch": "selfscale.study.gridsearch",
+           "correlation": "selfscale.study.correlation"}
 """Study name → the module holding its Spec, SCALES, plan, analyse and draw."""
 
 

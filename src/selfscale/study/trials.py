@@ -27,8 +27,10 @@ def execute(trial: dict[str, Any], needed: dict[str, Any] | None = None) -> dict
     """Run one trial (one torch thread); ``needed`` is the output of the trial it needs."""
     import torch
 
+    from selfscale.study.worth import worth_trial
+
     torch.set_num_threads(1)
-    kinds = {"train": train_trial, "minimize": minimize_trial}
+    kinds = {"train": train_trial, "minimize": minimize_trial, "worth": worth_trial}
     if trial["kind"] not in kinds:
         raise ValueError(f"unknown trial kind {trial['kind']!r}")
     with warnings.catch_warnings(record=True) as caught:
