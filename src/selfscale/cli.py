@@ -208,7 +208,6 @@ def _train_flags(p) -> None:
                         "every parameter is stored with the run")
     p.description += " Tasks: " + "; ".join(
         f"{t.name}: {t.description}" for t in sorted(TASKS.values(), key=lambda t: t.name))
-    p.description = p.description.replace("%", "%%")
     g = p.add_argument_group("run")
     g.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML file with [data] [task] [model] [train] tables, e.g. a run's "

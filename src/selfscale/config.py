@@ -58,9 +58,9 @@ class DataConfig:
     """Where images come from and how they are cut into network inputs."""
 
     data: Path | None = None
-    """--data: folder of images searched recursively; None means the bundled scikit-image samples."""
+    """--data: folder of images searched recursively; default: the bundled scikit-image samples."""
     eval_data: Path | None = None
-    """--eval-data: folder of evaluation images; None means a seeded split of --data by file."""
+    """--eval-data: folder of evaluation images; default: a seeded split of --data by file."""
     targets: Path | None = None
     """--targets: for task 'pairs', folder of target images whose names match --data's."""
     eval_targets: Path | None = None
@@ -81,7 +81,7 @@ class DataConfig:
     max_images: int | None = None
     """--max-images: use at most this many files of each split (the first ones in sorted order)."""
     cache_dir: Path | None = None
-    """--cache-dir: where decoded inputs and targets are cached; None means $SELFSCALE_CACHE or
+    """--cache-dir: where decoded inputs and targets are cached; default: $SELFSCALE_CACHE or
     ~/.cache/selfscale."""
 
     def __post_init__(self) -> None:
@@ -181,7 +181,7 @@ class TrainConfig:
     eval_every: int = 500
     """--eval-every: evaluate on the whole eval set every N steps (and at the end)."""
     loss: str | None = None
-    """--loss: mae, mse or f1 (soft F1 loss E/(2TP+E), thesis 2.3.1); None means the task's
+    """--loss: mae, mse or f1 (soft F1 loss E/(2TP+E), thesis 2.3.1); default: the task's
     default (mae for continuous targets, mse for binary ones), fixed when the run starts."""
     lr: float = 3e-3
     """--lr: Adam learning rate (the peak of the cosine schedule; thesis: 1e-3 constant)."""
