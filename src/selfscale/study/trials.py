@@ -10,9 +10,11 @@ engine, is written into the minimization's own temporary run directory.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +82,7 @@ def minimize_trial(trial: dict[str, Any], base: dict[str, Any]) -> dict[str, Any
 
     t0 = time.perf_counter()
     config = MinimizeConfig(**trial["minimize"])
-    with tempfile.TemporaryDirectory(prefix="selfscale-trial-") as tmp:
-        path = Path(tmp) / "run"
-        path.mkdir()
-        for name, data in base["files"].items():
-            (path / name).write_bytes(data)
+    with base_run_dir(base) as path:
         run = load_run(path, "cpu")
         res = minimize_run(run, prepare_data(run.config), config)
         files = {name: (path / MIN_DIR / name).read_bytes() for name in NETWORK_FILES}
@@ -104,6 +102,17 @@ def minimize_trial(trial: dict[str, Any], base: dict[str, Any]) -> dict[str, Any
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return {"result": result, "files": files}
+
+
+@contextlib.contextmanager
+def base_run_dir(base: dict[str, Any]) -> Iterator[Path]:
+    """A temporary run directory holding a base trial's files (workers share no disk)."""
+    with tempfile.TemporaryDirectory(prefix="selfscale-trial-") as tmp:
+        path = Path(tmp) / "run"
+        path.mkdir()
+        for name, data in base["files"].items():
+            (path / name).write_bytes(data)
+        yield path
 
 
 def ratio(after: float, before: float) -> float:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from selfscale.model import FCN
@@ -90,13 +88,10 @@ def worth_trial(trial: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     from selfscale.minimize.loop import eval_batches
     from selfscale.minimize.strategies import taylor_scores
     from selfscale.run import load_run, prepare_data
+    from selfscale.study.trials import base_run_dir
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="selfscale-trial-") as tmp:
-        path = Path(tmp) / "run"
-        path.mkdir()
-        for name, data in base["files"].items():
-            (path / name).write_bytes(data)
+    with base_run_dir(base) as path:
         run = load_run(path, "cpu")
     data = prepare_data(run.config)
     spec, state = run.spec(), run.state
