@@ -107,10 +107,6 @@ class DataConfig:
         _check(self.eval_targets is None or self.eval_data is not None, "--eval-targets",
                str(self.eval_targets), "needs --eval-data")
 
-    @property
-    def effective_train_crop(self) -> int:
-        return self.crop if self.train_crop is None else self.train_crop
-
 
 @dataclass(frozen=True)
 class TaskConfig:
@@ -177,7 +173,7 @@ class TrainConfig:
     0.05, batch 3, 256² crops, thesis 2.3). --config values and flags override single settings."""
     steps: int = 40_000
     """--steps: training steps (one batch each) in total (thesis: 10 000 of 256² crops; 40 000
-    of 64² × 12 take about the same time)."""
+    of 64² × 12 take about 1.25× as long)."""
     eval_every: int = 500
     """--eval-every: evaluate on the whole eval set every N steps (and at the end)."""
     loss: str | None = None
