@@ -311,7 +311,7 @@ def load_datasets(cfg: DataConfig, task: Task, task_params: Mapping[str, Any], *
     * --data and --eval-data: every file of each.
 
     --max-images keeps the first N files (sorted) of each part. Training images must be at
-    least ``cfg.effective_train_crop`` and eval images ``cfg.crop`` on both sides. Skipped files
+    least ``cfg.train_crop`` and eval images ``cfg.crop`` on both sides. Skipped files
     are counted by reason and reported by one :class:`SkippedImagesWarning`; no usable image in
     either part is a DataError; task 'pairs' without its target folders is a ConfigError.
     """
@@ -347,11 +347,11 @@ def load_datasets(cfg: DataConfig, task: Task, task_params: Mapping[str, Any], *
 
     folder = prepare_cache(cfg.cache_dir)
     report = LoadReport()
-    train, own_train = _build(train_src, cfg.effective_train_crop, task, task_params, folder,
+    train, own_train = _build(train_src, cfg.train_crop, task, task_params, folder,
                               report, progress, "training images")
     evals, own_eval = _build(eval_src, cfg.crop, task, task_params, folder, report, progress,
                              "eval images")
-    _require(train, own_train, "training", train_where, cfg.effective_train_crop)
+    _require(train, own_train, "training", train_where, cfg.train_crop)
     _require(evals, own_eval, "eval", eval_where, cfg.crop)
     _warn(report)
     return Datasets(train=train, eval=evals, report=report, source=source)

@@ -283,7 +283,7 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
     run.meta["data"] = data_summary(data)
     spec = run.spec()
     if run.state.step == 0 and "init_redraws" not in run.meta:
-        probe, _ = center_crops(data.train[:8], min(cfg.data.effective_train_crop, 64))
+        probe, _ = center_crops(data.train[:8], min(cfg.data.train_crop, 64))
         run.meta["init_redraws"] = revive_dead_init(run.state, as_input(probe, spec.device),
                                                     spec.init)
     user_hooks = hooks or TrainHooks()

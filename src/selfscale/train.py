@@ -242,7 +242,7 @@ class TrainSpec:
             raise ValueError("the run config's loss must be resolved before training")
         t, m = config.train, config.model
         return cls(loss=t.loss, batch=config.data.batch,
-                   train_crop=config.data.effective_train_crop, eval_crop=config.data.crop,
+                   train_crop=config.data.train_crop, eval_crop=config.data.crop,
                    flips=config.data.flips, eval_every=t.eval_every,
                    checkpoint_every=t.checkpoint_every, device=device,
                    init=Init(m.init, m.init_std, m.init_bias), lr=t.lr, schedule=t.schedule,
