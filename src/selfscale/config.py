@@ -270,9 +270,9 @@ class RunConfig:
                     "train": TrainConfig}
         if not isinstance(raw, dict):
             raise ConfigError(f"config: expected tables [data] [task] [model] [train], got {raw!r}")
-        recipe = raw.get("train", {}).get("recipe", TrainConfig.recipe) if isinstance(
-            raw.get("train", {}), dict) else None
-        if recipe in RECIPES:  # a preset's values sit below the ones given (a bad name: below)
+        train = raw.get("train", {})
+        recipe = train.get("recipe", TrainConfig.recipe) if isinstance(train, dict) else None
+        if recipe in RECIPES:  # the preset sits below the values given; bad names fail below
             raw = merge_sections(RECIPES[recipe], raw)
         unknown = set(raw) - set(sections)
         if unknown:
