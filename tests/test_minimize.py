@@ -387,7 +387,7 @@ def test_finetune_finishes_the_network_and_resumes_exactly(trained, tmp_path):
     assert s["scores_before_finetune"]["mae"] != s["scores_after"]["mae"]
 
     calls = {"n": 0}
-    real_train = loop.finetune.__globals__["train"]
+    real_train = loop.finetune.__globals__["train_active"]
 
     def dying(*args, **kw):
         hooks = kw["hooks"]
@@ -399,13 +399,13 @@ def test_finetune_finishes_the_network_and_resumes_exactly(trained, tmp_path):
                 raise KeyboardInterrupt
         return real_train(*args, **{**kw, "hooks": type(hooks)(on_checkpoint=on_checkpoint)})
 
-    loop.finetune.__globals__["train"] = dying
+    loop.finetune.__globals__["train_active"] = dying
     try:
         with pytest.raises(KeyboardInterrupt):
             minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
                          out=tmp_path / "part")
     finally:
-        loop.finetune.__globals__["train"] = real_train
+        loop.finetune.__globals__["train_active"] = real_train
     resumed = minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
                            out=tmp_path / "part", resume=True)
     assert resumed.summary["scores_after"] == s["scores_after"]

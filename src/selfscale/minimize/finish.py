@@ -22,9 +22,10 @@ import numpy as np
 
 from selfscale.crops import sample_batch
 from selfscale.data import Datasets
+from selfscale.minimize.active import train_active
 from selfscale.minimize.alter import prunable_masks
 from selfscale.model import FCN, mask_activity
-from selfscale.train import TrainHooks, TrainSpec, TrainState, as_input, evaluate, train
+from selfscale.train import TrainHooks, TrainSpec, TrainState, as_input, evaluate
 
 PROBE_CROPS = 32
 """Random training crops (of the run's training crop size) that measure mask activity."""
@@ -48,8 +49,8 @@ def finetune(state: TrainState, info: dict[str, Any], spec: TrainSpec, data: Dat
     returns the scores at the end. Continuing after a kill gives the same result."""
     steps, start = info["steps"], info["start"]
     ft = dataclasses.replace(spec.for_retrain(start, steps), eval_every=max(steps // 10, 1))
-    train(state, data.train, data.eval, ft, until_step=start + steps,
-          hooks=TrainHooks(on_checkpoint=lambda s: save()))
+    train_active(state, data.train, data.eval, ft, until_step=start + steps,
+                 hooks=TrainHooks(on_checkpoint=lambda s: save()))
     scores = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
     scores.pop("n_images")
     return scores

@@ -24,6 +24,7 @@ from selfscale.config import MinimizeConfig
 from selfscale.crops import center_crops
 from selfscale.data import Datasets
 from selfscale.metrics import LOSSES, METRICS
+from selfscale.minimize.active import train_active
 from selfscale.minimize.finish import finetune, near_dead_masks
 from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, prunable_masks,
                                       remove_hidden_layer, removable_layers, unfreeze_others)
@@ -31,8 +32,7 @@ from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
 from selfscale.minimize.strategies import make_strategy
 from selfscale.model import (FCN, active_macs_per_pixel, active_parameter_count, dead_masks,
                              mask_activity)
-from selfscale.train import (EVAL_BATCH, TrainSpec, TrainState, as_input, best_record, evaluate,
-                             train)
+from selfscale.train import EVAL_BATCH, TrainSpec, TrainState, as_input, best_record, evaluate
 
 PHASES = ("free", "masks", "layers", "finetune", "done")
 JUDGE_EVALS = 4
@@ -153,7 +153,8 @@ def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets, *,
     """Train ``steps`` steps from the state's current step with the run's spec and return the
     evaluation the change is judged by: ``final``, the one at the end; ``best``, the best of
     ``JUDGE_EVALS`` evaluations during the retrain, whose weights the state then holds. With 0
-    steps: an evaluation of the state as it is."""
+    steps: an evaluation of the state as it is. Only the active channels train
+    (:mod:`selfscale.minimize.active`), so a retrain gets cheaper as masks go."""
     if steps == 0:
         scores = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
         scores.pop("n_images")
@@ -162,7 +163,7 @@ def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets, *,
     if judge == "best":
         rs = replace(rs, eval_every=max(steps // JUDGE_EVALS, 1), keep_best=True,
                      best_metric=metric)
-    train(state, data.train, data.eval, rs, until_step=start + steps)
+    train_active(state, data.train, data.eval, rs, until_step=start + steps)
     if judge == "best":
         return best_record([r for r in state.history if r["step"] > start], metric)
     return state.history[-1]

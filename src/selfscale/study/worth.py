@@ -70,13 +70,14 @@ def score_curve(state, spec, data, steps: int, every: int) -> dict[str, list[flo
     """Evaluate ``state`` now, then train it ``steps`` steps (fresh Adam, the schedule restarted)
     evaluating every ``every`` steps: ``{"step": [0, every, …, steps], metric: [...]}``, steps
     counted from the start of this training."""
-    from selfscale.train import evaluate, train
+    from selfscale.minimize.active import train_active
+    from selfscale.train import evaluate
 
     start = state.step
     first = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
     state.reset_optimizer()
     rs = dataclasses.replace(spec.for_retrain(start, steps), eval_every=every)
-    train(state, data.train, data.eval, rs, until_step=start + steps)
+    train_active(state, data.train, data.eval, rs, until_step=start + steps)
     records = [{"step": start, **first}] + [r for r in state.history if r["step"] > start]
     return {"step": [r["step"] - start for r in records],
             **{k: [float(r[k]) for r in records] for k in SCORES}}
