@@ -15,6 +15,22 @@ TINY_SHAPE = (40, 48)
 """(H, W) of the synthetic images: small enough to keep tests fast, larger than crop 16."""
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="where tests/test_device.py runs the command line (default cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    """The device of `pytest --device`; a CUDA request without a GPU skips those tests."""
+    import torch
+
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device here")
+    return name
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """No test writes to ~/.cache: the default data cache points into the test's tmp_path."""

@@ -28,13 +28,17 @@ EVAL_METRICS = ("f1", "mae", "mse", "uiqi")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a usage error. On CUDA,
+    cuDNN is held to deterministic algorithms (reproducible runs, exact resume)."""
     from selfscale.errors import ConfigError
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: cuda was requested but no CUDA device is available")
+    if name == "cuda":  # same seed, same GPU → same weights: cuDNN's deterministic kernels only
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     return torch.device(name)
 
 
