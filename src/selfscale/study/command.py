@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from selfscale.flags import Parser, add_config_flags
@@ -74,7 +75,8 @@ class _Bar:
     """The progress bar over this invocation's trials: done / failed / running, and the ETA."""
 
     def __init__(self, quiet: bool, label: str) -> None:
-        self.quiet, self.label, self.bar, self.finished = quiet, label, None, 0
+        self.quiet, self.label, self.bar, self.finished, self.shown = quiet, label, None, 0, ""
+        self.tty, self.drawn = sys.stderr.isatty(), 0.0
 
     def __call__(self, p) -> None:
         if self.quiet:
@@ -85,8 +87,11 @@ class _Bar:
             self.bar = tqdm(total=p.total, unit="trial", desc=self.label, file=sys.stderr,
                             dynamic_ncols=True, smoothing=0.1)
         new, self.finished = p.done + p.failed - self.finished, p.done + p.failed
-        self.bar.set_postfix_str(f"done {p.done}, failed {p.failed}, running {p.running}",
-                                 refresh=new == 0)
+        text = f"done {p.done}, failed {p.failed}, running {p.running}"
+        now = time.monotonic()  # polled often: redraw on news, or each second on a terminal
+        if text != self.shown or (self.tty and now - self.drawn >= 1.0):
+            self.shown, self.drawn = text, now
+            self.bar.set_postfix_str(text, refresh=new == 0)
         self.bar.update(new)
 
     def close(self) -> None:
