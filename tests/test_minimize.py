@@ -451,3 +451,45 @@ def test_judge_best_keeps_a_removal_that_recovers_late_and_judges_by_its_best(tr
             assert best["step"] == run.state.step + 6
             assert all(torch.equal(v.cpu(), best["model"][k])
                        for k, v in m.current.model.state_dict().items())
+
+
+def test_a_finetune_that_lowers_the_score_is_undone(trained, monkeypatch):
+    """The fine-tune's result is kept only if the score does not fall; else the network before
+    it stays, and the summary says so. Its steps still count."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(finetune_steps=7, strategy="seq", threshold=0.5,
+                                        layers=False, max_steps=1), *env)
+    _scripted(monkeypatch, [m.reference])
+
+    def harmful(state, info, spec, data, save):
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.mul_(-1.0)
+        state.step += info["steps"]
+        return {**info["scores_before"], "f1": info["scores_before"]["f1"] / 2}
+    monkeypatch.setattr(loop, "finetune", harmful)
+    before = None
+
+    def on_save(mm):
+        nonlocal before
+        if mm.finetune is not None and before is None:
+            before = {k: v.clone() for k, v in mm.current.model.state_dict().items()}
+    minimize(m, *env, loop.LoopHooks(on_save=on_save))
+    assert m.finetune["kept"] is False and "weights_before" not in m.finetune
+    assert all(torch.equal(v, before[k]) for k, v in m.current.model.state_dict().items())
+    s = loop.summary(m, m.finetune["scores_after"])
+    assert s["finetune_kept"] is False and s["scores_after"] == s["scores_before_finetune"]
+    assert s["steps_trained"] == 2000 + 7  # one (scripted) retrain of the default length
+
+
+def test_no_finetune_when_no_change_was_kept(trained, monkeypatch):
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(finetune_steps=9, strategy="seq", threshold=0.95,
+                                        layers=False, retrain_steps=4), *env)
+    _scripted(monkeypatch, [m.reference * 0.5] * 6)
+    minimize(m, *env)
+    s = loop.summary(m, m.base_scores)
+    assert m.finetune is None and s["finetune_steps"] == 0 and s["kept"] == 0
+    assert s["steps_trained"] == 6 * 4

@@ -377,7 +377,8 @@ class MinimizeConfig:
     first, without a retrain (free removals); above 1 turns this off."""
     finetune_steps: int = 5000
     """--finetune-steps: after the last decision, train the minimized network this many steps
-    with the run's recipe (the schedule restarted); 0 skips it."""
+    with the run's recipe (the schedule restarted); kept only if the score does not fall. Skipped
+    when no change was kept; 0 skips it."""
     reinit: bool = True
     """--reinit/--no-reinit: in modes disabled / others-frozen, redraw the tested mask from the
     initial distribution (the thesis's reinitialize); --no-reinit zeroes it instead, and a zeroed

@@ -84,8 +84,12 @@ def minimization_text(s: dict[str, Any]) -> str:
              f"{after['uiqi']:.4f}   mae {before['mae']:.5f} -> {after['mae']:.5f}"]
     if s.get("scores_before_finetune"):
         ft = s["scores_before_finetune"]
-        lines.append(f"  fine-tune {s['finetune_steps']} steps: f1 {ft['f1']:.4f} -> "
-                     f"{after['f1']:.4f}   uiqi {ft['uiqi']:.4f} -> {after['uiqi']:.4f}")
+        if s.get("finetune_kept") is False:
+            lines.append(f"  fine-tune {s['finetune_steps']} steps lowered {s['metric']}; the "
+                         "network before it was kept")
+        else:
+            lines.append(f"  fine-tune {s['finetune_steps']} steps: f1 {ft['f1']:.4f} -> "
+                         f"{after['f1']:.4f}   uiqi {ft['uiqi']:.4f} -> {after['uiqi']:.4f}")
     for i, row in enumerate(s["mask_matrix"]):
         lines.append(f"  layer {i + 1}: " + " ".join("1" if on else "0" for on in row)
                      + ("  (removed)" if not any(row) else ""))

@@ -237,17 +237,26 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
             hooks.on_decision(m, entry)
         _save(m, hooks)
     if m.phase == "finetune":  # finish the network (minimize.finish)
-        if cfg.finetune_steps and m.finetune is None:
+        changed = any(d["kept"] for d in m.log)  # else the network is the trained base itself
+        if cfg.finetune_steps and changed and m.finetune is None:
             before = evaluate(m.current.model, data.eval, spec.eval_crop, spec.device)
             before.pop("n_images")
             m.finetune = {"start": m.current.step, "steps": cfg.finetune_steps,
-                          "scores_before": before}
+                          "scores_before": before, "weights_before": {
+                              k: v.detach().cpu().clone()
+                              for k, v in m.current.model.state_dict().items()}}
             m.current.reset_optimizer()
             _save(m, hooks)
-        if m.finetune is not None:
+        if m.finetune is not None and "scores_after" not in m.finetune:
             t0 = time.perf_counter()
-            m.finetune["scores_after"] = finetune(m.current, m.finetune, spec, data,
-                                                  lambda: _save(m, hooks))
+            after = finetune(m.current, m.finetune, spec, data, lambda: _save(m, hooks))
+            before = m.finetune["scores_before"]
+            m.finetune["kept"] = ratio(after[cfg.metric], before[cfg.metric], cfg.metric) >= 1
+            if not m.finetune["kept"]:  # it lowered the score: the network before it stays
+                m.current.model.load_state_dict(m.finetune["weights_before"])
+                after = before
+            m.finetune["scores_after"] = after
+            del m.finetune["weights_before"]
             m.steps_trained += m.finetune["steps"]
             m.seconds += time.perf_counter() - t0
         m.phase = "done"
@@ -418,6 +427,7 @@ def summary(m: Minimization, final_scores: dict[str, float]) -> dict[str, Any]:
         "scores_after": final_scores,
         "finetune_steps": m.finetune["steps"] if m.finetune else 0,
         "scores_before_finetune": m.finetune["scores_before"] if m.finetune else None,
+        "finetune_kept": m.finetune.get("kept") if m.finetune else None,
         "free_removals": sum(1 for d in m.log if d["phase"] == "free" and d["kept"]),
         "decisions": m.step,
         "kept": sum(1 for d in m.log if d["kept"]),
