@@ -140,3 +140,31 @@ def test_trunc_normal_fills_in_memory_order_of_the_target():
     plain = torch.empty(5, 5, 5, 5)
     trunc_normal_(plain, 0.05, torch.Generator().manual_seed(4))
     assert not torch.equal(plain, target)  # the layout matters, hence this test
+
+
+def test_switch_changes_after_a_forward_take_effect():
+    """The all-on fast path is cached per switch tensor and version: setting a switch, loading a
+    state dict or moving the module must all be seen by the next forward and backward."""
+    import torch
+
+    from selfscale.model import FCN
+
+    torch.manual_seed(0)
+    net = FCN((3, 2, 1), kernel=3)
+    for p in net.parameters():
+        torch.nn.init.uniform_(p, 0.1, 0.5)  # all positive: every mask is alive
+    x = torch.rand(1, 1, 8, 8)
+    full = net(x)
+    net.set_enabled(0, 1, False)
+    off = net(x)
+    assert not torch.equal(full, off)
+    other = FCN((3, 2, 1), kernel=3)
+    other.load_state_dict(net.state_dict())
+    net.set_enabled(0, 1, True)
+    assert torch.equal(net(x), full)
+    net.load_state_dict(other.state_dict())  # in-place copy into the buffers
+    assert torch.equal(net(x), off)
+    net.set_frozen(1, 0, True)
+    net(x).sum().backward()
+    assert torch.count_nonzero(net.layers[1].weight.grad[0]) == 0
+    assert torch.count_nonzero(net.layers[1].weight.grad[1]) > 0
