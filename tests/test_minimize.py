@@ -13,6 +13,7 @@ from selfscale.errors import ConfigError
 from selfscale.minimize import loop
 from selfscale.minimize.alter import prunable_masks, remove_hidden_layer
 from selfscale.minimize.loop import minimize, ratio, start
+from selfscale.minimize.summary import mask_matrix, summary
 from selfscale.minimize.session import minimize_run as _minimize_run
 from selfscale.run import load_network, load_run, prepare_data, start_run, train_run
 
@@ -203,7 +204,7 @@ def test_layer_phase_after_masks(trained, monkeypatch):
     assert [d["tried"] for d in layer_rows] == ["layer 1", "layer 2"]
     assert m.current.model.widths == (2, 1)
     assert seen[-1]["widths"] == (1,)
-    matrix = loop.mask_matrix(m)
+    matrix = mask_matrix(m)
     assert matrix == [[False, False, False], [True, True, False], [True]]
 
 
@@ -478,7 +479,7 @@ def test_a_finetune_that_lowers_the_score_is_undone(trained, monkeypatch):
     minimize(m, *env, loop.LoopHooks(on_save=on_save))
     assert m.finetune["kept"] is False and "weights_before" not in m.finetune
     assert all(torch.equal(v, before[k]) for k, v in m.current.model.state_dict().items())
-    s = loop.summary(m, m.finetune["scores_after"])
+    s = summary(m, m.finetune["scores_after"])
     assert s["finetune_kept"] is False and s["scores_after"] == s["scores_before_finetune"]
     assert s["steps_trained"] == 2000 + 7  # one (scripted) retrain of the default length
 
@@ -490,6 +491,29 @@ def test_no_finetune_when_no_change_was_kept(trained, monkeypatch):
                                         layers=False, retrain_steps=4), *env)
     _scripted(monkeypatch, [m.reference * 0.5] * 6)
     minimize(m, *env)
-    s = loop.summary(m, m.base_scores)
+    s = summary(m, m.base_scores)
     assert m.finetune is None and s["finetune_steps"] == 0 and s["kept"] == 0
     assert s["steps_trained"] == 6 * 4
+
+
+def test_judge_paired_compares_with_the_unchanged_network_retrained_on_the_same_batches(
+        trained, monkeypatch):
+    """A cut scoring 0.49 of the base after the retrain, while the unchanged network retrained the
+    same way scores 0.50, is judged 0.98 and kept; the unchanged retrain runs once per snapshot,
+    and with --reference base the ratios chain."""
+    run, _ = trained
+    env = _env(run)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.95,
+                                        layers=False, max_steps=3, judge="paired",
+                                        retrain_steps=11), *env)
+    x = m.reference
+    # retrain calls: cut 1, unchanged 1, cut 2, unchanged 2, cut 3 (unchanged 2 reused)
+    seen = _scripted(monkeypatch, [0.49 * x, 0.50 * x, 0.45 * x, 0.48 * x, 0.50 * x])
+    minimize(m, *env)
+    assert len(seen) == 5
+    assert [s["active"] for s in seen] == [(2, 3, 1), (3, 3, 1), (1, 3, 1), (2, 3, 1), (1, 3, 1)]
+    assert [d["kept"] for d in m.log] == [True, False, True]
+    assert [d["ratio"] for d in m.log] == pytest.approx([0.98, 0.98 * 0.45 / 0.48,
+                                                         0.98 * 0.50 / 0.48])
+    assert [d["paired_reference"] for d in m.log] == pytest.approx([0.5 * x, 0.48 * x, 0.48 * x])
+    assert m.steps_trained == 5 * 11

@@ -334,7 +334,7 @@ def _plain(value: Any) -> Any:
 MODES = ("disabled-frozen", "disabled", "others-frozen")
 REFERENCES = ("base", "previous")
 SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
-JUDGES = ("final", "best")
+JUDGES = ("final", "best", "paired")
 CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--mode": MODES, "--reference": REFERENCES,
            "--metric": SCORE_METRICS, "--init": INITS, "--schedule": SCHEDULES,
            "--recipe": tuple(RECIPES), "--judge": JUDGES}
@@ -370,8 +370,11 @@ class MinimizeConfig:
     oracle_steps: int = 200
     """--oracle-steps: short retrain the oracle strategy uses to try each mask."""
     judge: str = "final"
-    """--judge: the retrain's score a change is judged by: final (at its end, the thesis) or best
-    (the best of 4 evaluations during it, whose weights are kept: the thesis's 'best')."""
+    """--judge: how a retrained change is judged: final (its score at the retrain's end against
+    the reference, the thesis's fixed mode), best (the best of 4 evaluations during the retrain,
+    whose weights are kept: the thesis's 'best') or paired (its final score against the
+    unchanged network retrained as long on the same batches, times the unchanged network's own
+    ratio to the reference)."""
     free_below: float = 0.999
     """--free-below: masks that output zero on at least this share of training pixels are tried
     first, without a retrain (free removals); above 1 turns this off."""

@@ -30,8 +30,7 @@ from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, pruna
                                       remove_hidden_layer, removable_layers, unfreeze_others)
 from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
 from selfscale.minimize.strategies import make_strategy
-from selfscale.model import (FCN, active_macs_per_pixel, active_parameter_count, dead_masks,
-                             mask_activity)
+from selfscale.model import dead_masks, mask_activity
 from selfscale.train import EVAL_BATCH, TrainSpec, TrainState, as_input, best_record, evaluate
 
 PHASES = ("free", "masks", "layers", "finetune", "done")
@@ -65,6 +64,11 @@ class Minimization:
     log: list[dict[str, Any]] = field(default_factory=list)
     steps_trained: int = 0
     seconds: float = 0.0
+    standing: float = 1.0
+    """--judge paired, --reference base: the snapshot's judged ratio to the base (the product of
+    the paired ratios of the changes kept so far)."""
+    paired: dict[str, Any] | None = None
+    """--judge paired: the snapshot retrained (unchanged, on the trials' batches), by length."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +90,8 @@ class Minimization:
             "log": self.log,
             "steps_trained": self.steps_trained,
             "seconds": self.seconds,
+            "standing": self.standing,
+            "paired": self.paired,
         }
 
     @classmethod
@@ -111,6 +117,8 @@ class Minimization:
             log=list(raw["log"]),
             steps_trained=int(raw["steps_trained"]),
             seconds=float(raw.get("seconds", 0.0)),
+            standing=float(raw.get("standing", 1.0)),
+            paired=raw.get("paired"),
         )
 
 
@@ -169,6 +177,26 @@ def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets, *,
     return state.history[-1]
 
 
+def judged_paired(m: Minimization, score: float, steps: int, spec: TrainSpec,
+                  data: Datasets) -> float:
+    """--judge paired: the trial's ratio to the snapshot retrained ``steps`` steps unchanged.
+
+    Every trial is a clone of the snapshot, so all trials of one snapshot see the same batches;
+    the unchanged snapshot is retrained once on them (cached until a change is kept) and the
+    trial is judged against that, so what the retrain itself does to a trained network (a warm
+    restart of the schedule shakes it) cancels out. With ``--reference base`` the ratio is
+    chained with the snapshot's own judged ratio to the base (:attr:`Minimization.standing`)."""
+    metric = m.config.metric
+    if m.paired is None or m.paired["steps"] != steps:
+        unchanged = clone_state(m.current)
+        unchanged.reset_optimizer()
+        m.paired = {"steps": steps,
+                    "score": retrain(unchanged, steps, spec, data, metric=metric)[metric]}
+        m.steps_trained += steps
+    chained = m.standing if m.config.reference == "base" else 1.0
+    return ratio(score, m.paired["score"], metric) * chained
+
+
 def eval_batches(spec: TrainSpec, data: Datasets) -> Iterator[tuple[Tensor, Tensor]]:
     for chunk in data.eval.chunks(EVAL_BATCH):
         x, y = center_crops(chunk, spec.eval_crop)
@@ -210,12 +238,17 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         record = retrain(trial, steps, spec, data, judge=cfg.judge, metric=cfg.metric)
         score = record[cfg.metric]
         # 5. keep the change or step back to the snapshot
-        r = ratio(score, m.reference, cfg.metric)
+        r, paired = ratio(score, m.reference, cfg.metric), None
+        if cfg.judge == "paired" and steps:
+            r = judged_paired(m, score, steps, spec, data)
+            paired = m.paired["score"]
         kept = r >= cfg.threshold
         reference_before = m.reference
         dead: list[str] = []
         if kept:
             accept(m, trial, cand)
+            if cfg.judge == "paired" and cfg.reference == "base":
+                m.standing = r
             dead = remove_dead_masks(m, spec, data)
             if cfg.reference == "previous":
                 m.reference = score
@@ -229,7 +262,7 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         elapsed = time.perf_counter() - t0
         m.seconds += elapsed
         entry = decision_record(m, cand, record, reference_before, r, kept, elapsed) | {
-            "dead": dead, "steps_trained": steps}
+            "dead": dead, "steps_trained": steps, "paired_reference": paired}
         if free:
             entry |= {"phase": "free", "strategy": "free"}
         m.log.append(entry)
@@ -320,6 +353,7 @@ def accept(m: Minimization, trial: TrainState, cand: Candidate) -> None:
     trial.reset_optimizer()
     m.current = trial
     m.failed = []
+    m.paired = None  # a new snapshot: its unchanged retrain is still to run
 
 
 def remove_dead_masks(m: Minimization, spec: TrainSpec, data: Datasets) -> list[str]:
@@ -389,49 +423,3 @@ def decision_record(m: Minimization, cand: Candidate, record: dict[str, Any], re
 def _save(m: Minimization, hooks: LoopHooks) -> None:
     if hooks.on_save:
         hooks.on_save(m)
-
-
-def mask_matrix(m: Minimization) -> list[list[bool]]:
-    """The thesis's one-hot matrix over the ORIGINAL network: True where a mask remains."""
-    matrix = [[False] * w for w in m.orig_widths]
-    for o, layer in zip(m.origin, m.current.model.layers):
-        for k, on in enumerate(layer.enabled.tolist()):
-            if on:
-                matrix[o[0]][o[1 + k]] = True
-    return matrix
-
-
-def summary(m: Minimization, final_scores: dict[str, float]) -> dict[str, Any]:
-    """Before/after: masks and layers, parameters, MACs per pixel, scores, effort."""
-    from selfscale.model import macs_per_pixel, parameter_count
-
-    model: FCN = m.current.model
-    kernel, cin = model.kernel, model.in_channels
-    return {
-        "strategy": m.config.strategy,
-        "threshold": m.config.threshold,
-        "mode": m.config.mode,
-        "reference": m.config.reference,
-        "metric": m.config.metric,
-        "widths_before": m.orig_widths,
-        "widths_after": list(model.active_widths()),
-        "layers_before": len(m.orig_widths),
-        "layers_after": len(model.widths),
-        "masks_before": sum(m.orig_widths[:-1]),
-        "masks_after": sum(model.active_widths()[:-1]),
-        "parameters_before": parameter_count(m.orig_widths, kernel, cin),
-        "parameters_after": active_parameter_count(model),
-        "macs_per_pixel_before": macs_per_pixel(m.orig_widths, kernel, cin),
-        "macs_per_pixel_after": active_macs_per_pixel(model),
-        "scores_before": m.base_scores,
-        "scores_after": final_scores,
-        "finetune_steps": m.finetune["steps"] if m.finetune else 0,
-        "scores_before_finetune": m.finetune["scores_before"] if m.finetune else None,
-        "finetune_kept": m.finetune.get("kept") if m.finetune else None,
-        "free_removals": sum(1 for d in m.log if d["phase"] == "free" and d["kept"]),
-        "decisions": m.step,
-        "kept": sum(1 for d in m.log if d["kept"]),
-        "steps_trained": m.steps_trained,
-        "seconds": round(m.seconds, 2),
-        "mask_matrix": mask_matrix(m),
-    }

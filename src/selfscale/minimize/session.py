@@ -28,7 +28,8 @@ from selfscale.checkpoint import atomic_write_text, load_state, save_state
 from selfscale.config import MinimizeConfig
 from selfscale.data import Datasets
 from selfscale.errors import ConfigError
-from selfscale.minimize.loop import LoopHooks, Minimization, mask_matrix, minimize, start, summary
+from selfscale.minimize.loop import LoopHooks, Minimization, minimize, start
+from selfscale.minimize.summary import mask_matrix, summary
 from selfscale.run import (CONFIG_FILE, FINAL_FILE, HISTORY_FILE, LOOP_FILE, META_FILE, MIN_DIR,
                            STATE_FILE, SUMMARY_FILE, Run, check_new_run_dir, pin_threads,
                            train_run, with_steps)
@@ -113,7 +114,7 @@ def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path 
 
 DECISION_FIELDS = ("step", "phase", "strategy", "tried", "layer", "mask", "metric", "reference",
                    "score", "ratio", "threshold", "kept", "steps_trained", "active", "f1", "mae",
-                   "mse", "uiqi", "seconds", "dead")
+                   "mse", "uiqi", "seconds", "dead", "paired_reference")
 
 
 def write_decisions(mdir: Path, log: list[dict[str, Any]]) -> None:
