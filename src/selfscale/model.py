@@ -96,6 +96,8 @@ class MaskedConv2d(nn.Conv2d):
         """Whether every entry of switch ``name`` equals ``value``, cached until the switch
         changes (a tensor's ``_version`` counts its in-place changes; holding the tensor keeps
         its identity unique): no device sync and no extra kernels per step on the common path."""
+        if torch.compiler.is_compiling():  # traced: the general path, which inductor fuses
+            return False
         switch = getattr(self, name)
         key = (switch, switch._version)
         cached = self._switch_cache.get(name)
