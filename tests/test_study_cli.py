@@ -230,3 +230,21 @@ def test_an_unreachable_address_fails_fast_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--address: cannot reach a Dask scheduler at {address}" in err
     assert err.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
+def test_the_progress_bar_redraws_only_on_news_off_a_terminal(monkeypatch):
+    """A study polls its trials ten times a second; a log file must not get a line per poll."""
+    import io
+    import types
+
+    from selfscale.study import command
+
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    bar = command._Bar(False, "study")
+    for _ in range(50):
+        bar(types.SimpleNamespace(total=3, done=0, failed=0, running=2))
+    bar(types.SimpleNamespace(total=3, done=1, failed=0, running=2))
+    bar.close()
+    drawn = err.getvalue().count("\r")
+    assert 1 <= drawn <= 3 and "1/3" in err.getvalue()

@@ -92,7 +92,8 @@ class _Bar:
         if text != self.shown or (self.tty and now - self.drawn >= 1.0):
             self.shown, self.drawn = text, now
             self.bar.set_postfix_str(text, refresh=new == 0)
-        self.bar.update(new)
+        if new:  # update(0) would redraw too, at every poll
+            self.bar.update(new)
 
     def close(self) -> None:
         if self.bar is not None:
