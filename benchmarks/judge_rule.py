@@ -19,8 +19,9 @@ Rules, each a ratio of F1 scores (the minimizer keeps a cut when ratio ≥ thres
 
 Output: per rule, the Spearman correlation with the truth, the mean absolute error, and the
 share of keep/step-back decisions equal to the truth's at thresholds 0.90, 0.95 and 0.98.
-Jobs (one per base and mask) run in processes with one torch thread; results are JSON files
-under ``OUT/jobs/`` (resumable), the table goes to ``OUT/judge.md``.
+Jobs (one per base, mask and length) run in processes with one torch thread; results are JSON
+files under ``OUT/jobs/`` (resumable; the long runs serve every ``--retrain``), the table goes
+to ``OUT/judge.md``.
 
     python benchmarks/judge_rule.py --base runs/study-laptop/bases/train-5x5x1-s0 \\
         runs/study-laptop/bases/train-5x5x1-s1 --retrain 400 --long 4000 --out runs/judge
@@ -39,9 +40,9 @@ THRESHOLDS = (0.90, 0.95, 0.98)
 RULES = ("final", "best", "paired")
 
 
-def run_job(base: str, mask: tuple[int, int] | None, retrain: int, long: int) -> dict[str, Any]:
-    """One cut (or the unchanged base when ``mask`` is None): F1 after the R-step retrain (final
-    and best of its evaluations) and after the L-step retrain from the same start."""
+def run_job(base: str, mask: tuple[int, int] | None, steps: int) -> dict[str, Any]:
+    """One cut (or the unchanged base when ``mask`` is None) retrained ``steps`` steps: F1 at the
+    end (``final``) and the best of its ``JUDGE_EVALS`` evaluations (``best``)."""
     import torch
 
     from selfscale.minimize.loop import clone_state, retrain as retrain_fn
@@ -51,18 +52,15 @@ def run_job(base: str, mask: tuple[int, int] | None, retrain: int, long: int) ->
     pin_threads(1)
     run = load_run(Path(base))
     data, spec = prepare_data(run.config), run.spec()
-    out: dict[str, Any] = {"base": base, "mask": mask}
-    for key, steps in (("short", retrain), ("long", long)):
-        state = clone_state(run.state)
-        if mask is not None:
-            state.model.set_enabled(*mask, False)
-            state.model.set_frozen(*mask, True)
-        state.reset_optimizer()
-        start = state.step
-        best = retrain_fn(state, steps, spec, data, judge="best", metric="f1")
-        final = [r for r in state.history if r["step"] == start + steps][0]
-        out[key] = {"final": final["f1"], "best": best["f1"]}
-    return out
+    state = clone_state(run.state)
+    if mask is not None:
+        state.model.set_enabled(*mask, False)
+        state.model.set_frozen(*mask, True)
+    state.reset_optimizer()
+    start = state.step
+    best = retrain_fn(state, steps, spec, data, judge="best", metric="f1")
+    final = [r for r in state.history if r["step"] == start + steps][0]
+    return {"final": final["f1"], "best": best["f1"]}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -138,22 +136,26 @@ def main(argv: list[str] | None = None) -> int:
         for mask in [None, *prunable_masks(run.state.model)]:
             name = f"{Path(b).name}-{'ref' if mask is None else 'l%dm%d' % mask}"
             todo.append((name, b, mask))
-    results = {}
+    # one file per (base, mask, length): the long runs serve every --retrain length
+    parts: dict[tuple[str, int], dict[str, Any]] = {}
     pending = []
     for name, b, mask in todo:
-        f = jobs_dir / f"{name}-r{a.retrain}-l{a.long}.json"
-        if f.is_file():
-            results[name] = json.loads(f.read_text())
-        else:
-            pending.append((name, b, mask, f))
+        for steps in (a.retrain, a.long):
+            f = jobs_dir / f"{name}-{steps}.json"
+            if f.is_file():
+                parts[name, steps] = json.loads(f.read_text())
+            else:
+                pending.append((name, b, mask, steps, f))
     with ProcessPoolExecutor(a.workers) as pool:
-        futures = {pool.submit(run_job, b, mask, a.retrain, a.long): (name, f)
-                   for name, b, mask, f in pending}
+        futures = {pool.submit(run_job, b, mask, steps): (name, steps, f)
+                   for name, b, mask, steps, f in pending}
         for i, fut in enumerate(as_completed(futures), 1):
-            name, f = futures[fut]
-            results[name] = fut.result()
-            atomic_write_text(f, json.dumps(results[name]) + "\n")
-            print(f"[{i}/{len(pending)}] {name}", file=sys.stderr, flush=True)
+            name, steps, f = futures[fut]
+            parts[name, steps] = fut.result()
+            atomic_write_text(f, json.dumps(parts[name, steps]) + "\n")
+            print(f"[{i}/{len(pending)}] {name} {steps} steps", file=sys.stderr, flush=True)
+    results = {name: {"base": b, "mask": mask, "short": parts[name, a.retrain],
+                      "long": parts[name, a.long]} for name, b, mask in todo}
     rows = analyse(list(results.values()), base_f1)
     text = (f"R = {a.retrain} retrain steps, truth: L = {a.long}; bases: "
             + ", ".join(f"{Path(b).name} (F1 {base_f1[b]:.4f})" for b in a.base) + "\n\n"
