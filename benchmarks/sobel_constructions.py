@@ -36,7 +36,7 @@ from selfscale.run import prepare_data, start_run, train_run
 from selfscale.train import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from border_bound import scores_with_context  # noqa: E402
+from border_bound import scores_with_context
 
 GX = np.outer([1, 2, 1], [1, 0, -1]) / 4  # skimage's kernels, as in selfscale.tasks.sobel
 GY = GX.T
