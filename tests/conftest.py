@@ -143,3 +143,30 @@ def broken_folder(tmp_path) -> BrokenFolder:
     Image.fromarray(gradient()).save(root / ".hidden" / "x.png")    # in a hidden folder
     (root / "readme.txt").write_text("not an image suffix: not found\n")
     return BrokenFolder(root, expected)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def load_benchmark():
+    """Import a script of benchmarks/ as a module (its folder on sys.path, so one script can
+    import another); everything is undone when the test module ends."""
+    import importlib.util
+    import sys
+
+    loaded: list[str] = []
+    sys.path.insert(0, str(BENCHMARKS))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        loaded.append(name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    sys.path.remove(str(BENCHMARKS))
+    for name in loaded:
+        sys.modules.pop(name, None)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,19 +10,10 @@ from selfscale.data import ImageSet
 from selfscale.metrics import METRICS
 from selfscale.model import build_model
 
-BORDER_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "border_bound.py"
-
 
 @pytest.fixture(scope="module")
-def border():
-    spec = importlib.util.spec_from_file_location("border_benchmark", BORDER_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def border(load_benchmark):
+    return load_benchmark("border_bound")
 
 
 def _images(rng: np.random.Generator) -> ImageSet:

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def cons():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("sobel_constructions", BENCH / "sobel_constructions.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(BENCH))
+def cons(load_benchmark):
+    return load_benchmark("sobel_constructions")
 
 
 def test_alpha_max_beta_min_fit_matches_theory(cons):
