@@ -33,13 +33,13 @@ from scipy.optimize import nnls
 from selfscale.config import RunConfig
 from selfscale.model import FCN
 from selfscale.run import prepare_data, start_run, train_run
+from selfscale.tasks import SOBEL_COLS, SOBEL_ROWS
 from selfscale.train import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from border_bound import scores_with_context
 
-GX = np.outer([1, 2, 1], [1, 0, -1]) / 4  # skimage's kernels, as in selfscale.tasks.sobel
-GY = GX.T
+GX, GY = SOBEL_COLS, SOBEL_ROWS  # the kernels of the sobel task's operator
 
 
 def layer2_rows(name: str, t: tuple[float, ...] = ()) -> list[tuple[float, float]]:

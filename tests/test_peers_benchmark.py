@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-PEERS_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
-
 
 @pytest.fixture(scope="module")
-def peers():
+def peers(load_benchmark):
     """The benchmark script as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("peers")
 
 
 def test_pruning_ratio_gives_exact_widths_under_torch_pruning_rounding(peers):

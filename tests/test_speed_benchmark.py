@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,16 +19,9 @@ SPEED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
 
 @pytest.fixture(scope="module")
-def speed():
+def speed(load_benchmark):
     """The benchmark script as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("speed_benchmark", SPEED_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    return load_benchmark("speed")
 
 
 def test_step_flops_is_the_hand_count(speed):
