@@ -56,6 +56,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]], str | None]] = {
     "l1-pca-pairs": ("layer 1 starts at ±PC2, ±PC3, PC1 of the training patches", {}, "pca-pairs"),
     "batch-3": ("3 crops of 64² per step (¼ the pixels per step: run ≈ 2.75× the steps for the "
                 "same wall time)", {"data": {"batch": 3}}, None),
+    "batch-1": ("1 crop of 64² per step (1/12 the pixels per step)", {"data": {"batch": 1}}, None),
     "wide-10-10-1": ("twice the width, 10/10/1 (2.2× the MACs; not the goal's architecture)",
                      {"model": {"widths": [10, 10, 1]}}, None),
 }
