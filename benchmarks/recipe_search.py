@@ -153,6 +153,39 @@ def run_job(variant: str, seed: int, steps: int, eval_every: int, run_dir: str) 
             "ripple": angular_ripple(pred, x, y), "seconds": time.perf_counter() - t0}
 
 
+def network_scores(path: Path) -> dict[str, float]:
+    """Soft F1 and angular ripple of a run's network (the minimized one when it has one) on its
+    eval images' centre crops."""
+    import torch
+
+    from selfscale.crops import center_crops
+    from selfscale.metrics import METRICS
+    from selfscale.run import load_run, network, prepare_data
+
+    run = load_run(path)
+    model, _ = network(run)
+    data = prepare_data(run.config)
+    x, y = center_crops(data.eval, run.config.data.crop)
+    with torch.no_grad():
+        pred = model.eval()(torch.from_numpy(x))
+    f1 = float(METRICS["f1"].fn(pred, torch.from_numpy(y)).mean())
+    return {"f1": f1, "ripple": angular_ripple(pred.numpy(), x, y)}
+
+
+def print_ripples(paths: list[Path]) -> int:
+    from selfscale.errors import SelfscaleError
+
+    print("| run | F1 | angular ripple |\n|---|---|---|")
+    for path in paths:
+        try:
+            scores = network_scores(path)
+        except SelfscaleError as exc:
+            print(f"recipe_search.py: {path}: {exc}", file=sys.stderr)
+            return 2
+        print(f"| {path.name} | {scores['f1']:.4f} | {scores['ripple']:.3f} |")
+    return 0
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = ["variant", "what changes", "seeds", "F1 mean", "F1 worst", "UIQI mean",
             "angular ripple mean", "wall time per run"]
@@ -177,9 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated variants to run (default: all)")
     p.add_argument("--workers", type=int, default=2, metavar="N")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where runs and results go")
+    p.add_argument("--ripple", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="only print the F1 and angular ripple of these (sobel) runs' networks")
     a = p.parse_args(argv)
     from selfscale.checkpoint import atomic_write_text
+
+    if a.ripple:
+        return print_ripples(a.ripple)
+    if a.out is None:
+        p.error("--out: required (or give --ripple RUN_DIR ...)")
 
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
