@@ -54,8 +54,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]], str | None]] = {
     "l1-zero-mean": ("layer 1 starts with zero-mean masks", {}, "zero-mean"),
     "l1-mirrored": ("layer 1 starts with two ± pairs", {}, "mirrored"),
     "l1-pca-pairs": ("layer 1 starts at ±PC2, ±PC3, PC1 of the training patches", {}, "pca-pairs"),
-    "batch-3": ("3 crops of 64² per step (¼ the pixels per step: run ≈ 2.75× the steps for the "
-                "same wall time)", {"data": {"batch": 3}}, None),
+    "batch-3": ("3 crops of 64² per step (¼ the pixels per step)", {"data": {"batch": 3}}, None),
     "batch-1": ("1 crop of 64² per step (1/12 the pixels per step)", {"data": {"batch": 1}}, None),
     "wide-10-10-1": ("twice the width, 10/10/1 (2.2× the MACs; not the goal's architecture)",
                      {"model": {"widths": [10, 10, 1]}}, None),
@@ -122,7 +121,14 @@ def run_job(variant: str, seed: int, steps: int, eval_every: int, run_dir: str) 
 
     from selfscale.config import RunConfig
     from selfscale.crops import center_crops
-    from selfscale.run import load_run, prepare_data, resume_run, save_run, start_run, train_run
+    from selfscale.run import (
+        load_run,
+        prepare_data,
+        resume_run,
+        save_run,
+        start_run,
+        train_run,
+    )
 
     torch.set_num_threads(1)
     _, overrides, start = VARIANTS[variant]
