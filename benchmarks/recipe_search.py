@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]], str | None]] = {
     "l1-zero-mean": ("layer 1 starts with zero-mean masks", {}, "zero-mean"),
     "l1-mirrored": ("layer 1 starts with two ± pairs", {}, "mirrored"),
     "l1-pca-pairs": ("layer 1 starts at ±PC2, ±PC3, PC1 of the training patches", {}, "pca-pairs"),
+    "batch-6": ("6 crops of 64² per step (½ the pixels per step)", {"data": {"batch": 6}}, None),
     "batch-3": ("3 crops of 64² per step (¼ the pixels per step)", {"data": {"batch": 3}}, None),
     "batch-1": ("1 crop of 64² per step (1/12 the pixels per step)", {"data": {"batch": 1}}, None),
     "wide-10-10-1": ("twice the width, 10/10/1 (2.2× the MACs; not the goal's architecture)",
