@@ -60,7 +60,6 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]], str | None]] = {
     "wide-10-10-1": ("twice the width, 10/10/1 (2.2× the MACs; not the goal's architecture)",
                      {"model": {"widths": [10, 10, 1]}}, None),
 }
-L1_STARTS = ("zero-mean", "mirrored", "pca-pairs")
 
 
 def first_layer_start(weight: Any, kind: str, patches: np.ndarray | None = None) -> None:
@@ -109,11 +108,23 @@ def angular_ripple(pred: np.ndarray, x: np.ndarray, y: np.ndarray, margin: int =
     gy = np.stack([ndimage.correlate(a[0].astype(np.float64), SOBEL_ROWS) for a in x])[inner]
     t, p = y[:, 0][inner], pred[:, 0][inner]
     keep = t > strong
-    ratio, angle = p[keep] / t[keep], np.degrees(np.arctan2(gy[keep], gx[keep])) % 180
-    medians = [np.median(ratio[(angle >= lo) & (angle < lo + bin_deg)])
-               for lo in range(0, 180, bin_deg) if ((angle >= lo) & (angle < lo + bin_deg)).any()]
+    ratio = p[keep] / t[keep]
+    bins = (np.degrees(np.arctan2(gy[keep], gx[keep])) % 180 // bin_deg).astype(int)
+    medians = [np.median(ratio[bins == b]) for b in np.unique(bins) if b < 180 // bin_deg]
     mean = float(np.mean(medians)) if medians else 0.0
     return float((max(medians) - min(medians)) / mean) if mean > 0 else float("nan")
+
+
+def network_ripple(model: Any, images: Any, crop: int) -> float:
+    """:func:`angular_ripple` of ``model``'s prediction for the centre crops of ``images``."""
+    import torch
+
+    from selfscale.crops import center_crops
+
+    x, y = center_crops(images, crop)
+    with torch.no_grad():
+        pred = model.eval()(torch.from_numpy(x)).numpy()
+    return angular_ripple(pred, x, y)
 
 
 def run_job(variant: str, seed: int, steps: int, eval_every: int, run_dir: str) -> dict[str, Any]:
@@ -121,15 +132,7 @@ def run_job(variant: str, seed: int, steps: int, eval_every: int, run_dir: str) 
     import torch
 
     from selfscale.config import RunConfig
-    from selfscale.crops import center_crops
-    from selfscale.run import (
-        load_run,
-        prepare_data,
-        resume_run,
-        save_run,
-        start_run,
-        train_run,
-    )
+    from selfscale.run import prepare_data, resume_run, save_run, start_run, train_run
 
     torch.set_num_threads(1)
     _, overrides, start = VARIANTS[variant]
@@ -150,33 +153,24 @@ def run_job(variant: str, seed: int, steps: int, eval_every: int, run_dir: str) 
             run.state.reset_optimizer()
             save_run(run)
     train_run(run, data)
-    run = load_run(path)
-    x, y = center_crops(data.eval, config.data.crop)
-    with torch.no_grad():
-        pred = run.state.model.eval()(torch.from_numpy(x)).numpy()
-    last = run.state.history[-1]
-    return {"variant": variant, "seed": seed, "steps": steps, "f1": last["f1"],
-            "uiqi": last["uiqi"], "best_f1": max(r["f1"] for r in run.state.history),
-            "ripple": angular_ripple(pred, x, y), "seconds": time.perf_counter() - t0}
+    history = run.state.history
+    return {"variant": variant, "seed": seed, "steps": steps, "f1": history[-1]["f1"],
+            "uiqi": history[-1]["uiqi"], "best_f1": max(r["f1"] for r in history),
+            "ripple": network_ripple(run.state.model, data.eval, config.data.crop),
+            "seconds": time.perf_counter() - t0}
 
 
 def network_scores(path: Path) -> dict[str, float]:
     """Soft F1 and angular ripple of a run's network (the minimized one when it has one) on its
     eval images' centre crops."""
-    import torch
-
-    from selfscale.crops import center_crops
-    from selfscale.metrics import METRICS
     from selfscale.run import load_run, network, prepare_data
+    from selfscale.train import evaluate
 
     run = load_run(path)
     model, _ = network(run)
-    data = prepare_data(run.config)
-    x, y = center_crops(data.eval, run.config.data.crop)
-    with torch.no_grad():
-        pred = model.eval()(torch.from_numpy(x))
-    f1 = float(METRICS["f1"].fn(pred, torch.from_numpy(y)).mean())
-    return {"f1": f1, "ripple": angular_ripple(pred.numpy(), x, y)}
+    images, crop = prepare_data(run.config).eval, run.config.data.crop
+    return {"f1": evaluate(model, images, crop, run.device)["f1"],
+            "ripple": network_ripple(model, images, crop)}
 
 
 def print_ripples(paths: list[Path]) -> int:
@@ -222,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only print the F1 and angular ripple of these (sobel) runs' networks")
     a = p.parse_args(argv)
     from selfscale.checkpoint import atomic_write_text
+    from selfscale.errors import SelfscaleError
 
     if a.ripple:
         return print_ripples(a.ripple)
@@ -240,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps < 1 or a.eval_every < 1 or a.workers < 1:
         p.error("--steps, --eval-every and --workers must be positive")
     jobs_dir = a.out / "jobs"
+    if a.out.exists() and not a.out.is_dir():
+        p.error(f"--out: {a.out} is a file, not a folder")
     jobs_dir.mkdir(parents=True, exist_ok=True)
     results, pending = [], []
     for name in names:
@@ -256,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                    for name, seed, run_dir, f in pending}
         for i, fut in enumerate(as_completed(futures), 1):
             name, seed, f = futures[fut]
-            result = fut.result()
+            try:
+                result = fut.result()
+            except SelfscaleError as exc:  # e.g. a run folder that holds something else
+                print(f"recipe_search.py: {name} seed {seed}: {exc}", file=sys.stderr)
+                return 2
             results.append(result)
             atomic_write_text(f, json.dumps(result) + "\n")
             print(f"[{i}/{len(pending)}] {name} seed {seed}: F1 {result['f1']:.4f} "

@@ -138,3 +138,17 @@ def test_ripple_mode_scores_a_run_as_its_job_did_and_refuses_a_missing_one(rs, t
     with pytest.raises(SystemExit) as e:
         rs.main(["--steps", "5"])
     assert e.value.code == 2
+
+
+def test_a_run_folder_holding_other_files_is_refused_and_kept(rs, tmp_path, capsys):
+    taken = tmp_path / "out" / "runs" / "default-s0-5"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine\n")
+    args = ["--variants", "default", "--steps", "5", "--seeds", "0", "--workers", "1"]
+    assert rs.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "default seed 0" in capsys.readouterr().err
+    assert (taken / "notes.txt").read_text() == "mine\n"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        rs.main([*args, "--out", str(tmp_path / "file")])
+    assert e.value.code == 2
