@@ -154,6 +154,19 @@ def test_minimize_resume_with_nothing_saved_starts_from_the_beginning(trained, t
     assert json.loads((run / "minimize/summary.json").read_text())["decisions"] == 1
 
 
+@pytest.mark.parametrize("recipe, steps", [("capacity", 7000), ("thesis", 2000)])
+def test_minimize_retrains_as_long_as_the_runs_recipe_says(images, tmp_path, capsys, recipe,
+                                                           steps):
+    """Without --retrain-steps, a capacity-recipe run is retrained 7000 steps per decision and a
+    thesis-recipe run the thesis's 2000 (a thesis step is 4× the pixels)."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), "--steps", "2", "--recipe", recipe,
+                 "--out", str(run), *TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["minimize", str(run), "--max-steps", "0"]) == 0
+    assert f"{steps} retrain steps" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, imports", [(["info"], False), (["evaluate"], False),
                                            (["minimize", "--max-steps", "0", "--finetune-steps",
                                              "0"], True)])

@@ -3,7 +3,7 @@
 import pytest
 
 from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig, TaskConfig,
-                              TrainConfig)
+                              TrainConfig, minimize_config_for)
 from selfscale.tomlfile import dumps_toml, load_toml
 from selfscale.errors import ConfigError
 
@@ -91,6 +91,23 @@ def test_the_thesis_recipe_is_a_preset_below_flags():
     assert (default.train.recipe, default.train.schedule, default.model.init) == (
         "capacity", "cosine", "he")
     assert RunConfig.from_dict(thesis.to_dict()) == thesis  # a stored config round-trips
+    assert thesis.train.eval_every == 500  # selfscale 0.1.0's, so its histories are reproduced
+    assert (default.data.batch, default.data.train_crop, default.train.steps,
+            default.train.eval_every) == (3, 64, 110_000, 5000)
+
+
+def test_minimize_defaults_follow_the_runs_recipe():
+    """A retrain step is a step of the run's recipe: the capacity recipe retrains 7000 steps and
+    fine-tunes 17 500, a thesis-recipe run keeps the thesis's 2000 (and a 5000-step fine-tune);
+    a value given as a flag wins over both."""
+    capacity = minimize_config_for("capacity", {})
+    assert (capacity.retrain_steps, capacity.finetune_steps) == (7000, 17_500)
+    thesis = minimize_config_for("thesis", {"threshold": 0.9})
+    assert (thesis.retrain_steps, thesis.finetune_steps, thesis.threshold) == (2000, 5000, 0.9)
+    given = minimize_config_for("thesis", {"retrain_steps": 300, "finetune_steps": 0})
+    assert (given.retrain_steps, given.finetune_steps) == (300, 0)
+    with pytest.raises(ConfigError, match="--retrain-steps"):
+        minimize_config_for("thesis", {"retrain_steps": 0})
 
 
 @pytest.mark.parametrize("raw, flag", [({"train": {"recipe": "fast"}}, "--recipe"),

@@ -481,7 +481,7 @@ def test_a_finetune_that_lowers_the_score_is_undone(trained, monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in m.current.model.state_dict().items())
     s = summary(m, m.finetune["scores_after"])
     assert s["finetune_kept"] is False and s["scores_after"] == s["scores_before_finetune"]
-    assert s["steps_trained"] == 2000 + 7  # one (scripted) retrain of the default length
+    assert s["steps_trained"] == 7000 + 7  # one (scripted) retrain of the default length
 
 
 def test_no_finetune_when_no_change_was_kept(trained, monkeypatch):

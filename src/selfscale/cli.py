@@ -19,7 +19,7 @@ from pathlib import Path
 
 from selfscale import __version__
 from selfscale.config import (DataConfig, MinimizeConfig, ModelConfig, RunConfig, TaskConfig,
-                              TrainConfig)
+                              TrainConfig, minimize_config_for)
 from selfscale.errors import ConfigError, SelfscaleError, TrainingError
 from selfscale.flags import Parser, add_config_flags, common_options, given_values
 from selfscale.pictures import ENTRIES as VISUALIZE_COMMANDS
@@ -127,10 +127,10 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     from selfscale.run import load_run, prepare_data
 
     fields = {f.name for f in dataclasses.fields(MinimizeConfig)}
-    config = MinimizeConfig(**{k: v for k, v in vars(args).items()
-                               if k in fields and v is not None})
-    make_strategy(config.strategy)  # an unknown name fails before anything is loaded
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    make_strategy(MinimizeConfig(**given).strategy)  # bad values fail before anything is loaded
     run = load_run(args.out if args.resume and args.out else args.run_dir, args.device)
+    config = minimize_config_for(run.config.train.recipe, given)
     data = prepare_data(run.config, progress=not args.quiet)
     bar = hooks = None
     if config.base_steps is not None and not args.quiet:

@@ -23,8 +23,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "capacity": {},
     "thesis": {"data": {"batch": 3, "train_crop": None},
                "model": {"init": "trunc-normal", "init_std": 0.05},
-               "train": {"steps": 10_000, "lr": 1e-3, "schedule": "constant", "clip": 0.0,
-                         "keep_best": False}},
+               "train": {"steps": 10_000, "eval_every": 500, "lr": 1e-3, "schedule": "constant",
+                         "clip": 0.0, "keep_best": False}},
 }
 """Training presets (--recipe). ``capacity`` is the dataclass defaults: the recipe found to
 train the thesis network to its capacity (README, "Training recipe"). ``thesis`` is thesis 2.3:
@@ -70,8 +70,8 @@ class DataConfig:
     train_crop: int | None = 64
     """--train-crop: side of the random training crops (thesis: 256, as --crop); None (in code
     and presets) means the same as --crop."""
-    batch: int = 12
-    """--batch: training crops per step (thesis: 3)."""
+    batch: int = 3
+    """--batch: training crops per step (thesis: 3, of 256² crops)."""
     flips: bool = False
     """--flips: random horizontal and vertical flips of training crops."""
     eval_fraction: float = 0.2
@@ -171,10 +171,10 @@ class TrainConfig:
     """--recipe: a preset of training settings: capacity (the defaults: the recipe that trains
     the thesis network to its capacity) or thesis (Adam at a constant 1e-3, truncated normal
     0.05, batch 3, 256² crops, thesis 2.3). --config values and flags override single settings."""
-    steps: int = 40_000
-    """--steps: training steps (one batch each) in total (thesis: 10 000 of 256² crops; 40 000
-    of 64² × 12 take about 1.25× as long)."""
-    eval_every: int = 500
+    steps: int = 110_000
+    """--steps: training steps (one batch each) in total (thesis: 10 000 of 256² × 3 crops;
+    110 000 of 64² × 3 take about as long)."""
+    eval_every: int = 5000
     """--eval-every: evaluate on the whole eval set every N steps (and at the end)."""
     loss: str | None = None
     """--loss: mae, mse or f1 (soft F1 loss E/(2TP+E), thesis 2.3.1); default: the task's
@@ -331,6 +331,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+MINIMIZE_RECIPES: dict[str, dict[str, int]] = {
+    "capacity": {},
+    "thesis": {"retrain_steps": 2000, "finetune_steps": 5000},
+}
+"""Per training recipe, the minimization defaults that differ from :class:`MinimizeConfig`'s. A
+retrain step is a step of the run's own recipe, so its length follows the recipe: 7000 capacity
+steps (3 crops of 64²) take about as long as selfscale 0.2.0's 2000 steps of 12 crops; a
+thesis step (3 crops of 256²) is 4× longer, and the thesis retrained 2000 of them."""
+
+
+def minimize_config_for(recipe: str, given: dict[str, Any]) -> "MinimizeConfig":
+    """The MinimizeConfig for a run of ``recipe``: the values ``given`` (flags), else the
+    recipe's defaults (:data:`MINIMIZE_RECIPES`), else the dataclass defaults."""
+    return MinimizeConfig(**(MINIMIZE_RECIPES.get(recipe, {}) | given))
+
+
 MODES = ("disabled-frozen", "disabled", "others-frozen")
 REFERENCES = ("base", "previous")
 SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
@@ -349,8 +365,10 @@ class MinimizeConfig:
     """--strategy: selection strategy (see `selfscale minimize --help` for the list)."""
     threshold: float = 0.95
     """--threshold: keep a change if score_new >= threshold × reference (thesis: 0.85–1.00)."""
-    retrain_steps: int = 2000
-    """--retrain-steps: training steps after every alteration (thesis: 2000)."""
+    retrain_steps: int = 7000
+    """--retrain-steps: training steps after every alteration; default 7000 for a run of the
+    capacity recipe (as long as 2000 steps of 12 crops) and the thesis's 2000 for --recipe
+    thesis."""
     base_steps: int | None = None
     """--base-steps: first train the run up to this many steps (default: use it as it is)."""
     mode: str = "disabled-frozen"
@@ -378,10 +396,11 @@ class MinimizeConfig:
     free_below: float = 0.999
     """--free-below: masks that output zero on at least this share of training pixels are tried
     first, without a retrain (free removals); above 1 turns this off."""
-    finetune_steps: int = 5000
+    finetune_steps: int = 17_500
     """--finetune-steps: after the last decision, train the minimized network this many steps
     with the run's recipe (the schedule restarted); kept only if the score does not fall. Skipped
-    when no change was kept; 0 skips it."""
+    when no change was kept; 0 skips it. Default 17 500 for a run of the capacity recipe (as
+    long as 5000 steps of 12 crops), 5000 for --recipe thesis."""
     reinit: bool = True
     """--reinit/--no-reinit: in modes disabled / others-frozen, redraw the tested mask from the
     initial distribution (the thesis's reinitialize); --no-reinit zeroes it instead, and a zeroed

@@ -1,7 +1,7 @@
 """The whole story on the bundled images: train, minimize, export, compare, and show pictures.
 
-Training follows the default (capacity) recipe on 64×64 crops, batch 12, with half its steps
-(20 000); the minimization uses the thesis's 2000 retrain steps per decision and a 2000-step
+Training follows the default (capacity) recipe on 64×64 crops, batch 3, with half its steps
+(55 000); the minimization uses the recipe's 7000 retrain steps per decision and a 7000-step
 fine-tune, so the whole demo takes a few minutes on a 2-core laptop CPU; strategy ``l1`` at
 threshold 0.95 of the base score.
 Evaluation uses the thesis's 256×256 centre crops of the four bundled eval images.
@@ -38,13 +38,13 @@ class DemoConfig:
     """--task: operator to learn on the bundled images (sobel, canny or otsu)."""
     out: Path | None = None
     """--out: run directory to create (default runs/demo-<task>, numbered if taken)."""
-    steps: int = 20_000
+    steps: int = 55_000
     """--steps: base training steps."""
     train_crop: int = 64
     """--train-crop: side of the training crops (evaluation uses 256)."""
-    retrain_steps: int = 2000
+    retrain_steps: int = 7000
     """--retrain-steps: training steps after every alteration."""
-    finetune_steps: int = 2000
+    finetune_steps: int = 7000
     """--finetune-steps: training steps that finish the minimized network; 0 skips them."""
     strategy: str = "l1"
     """--strategy: selection strategy."""
