@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from selfscale.checkpoint import atomic_write_text
-from selfscale.config import MinimizeConfig, RunConfig, merge_sections
+from selfscale.config import MinimizeConfig, RunConfig, merge_sections, minimize_config_for
 
 TP_MISSING = "benchmarks/peers.py needs Torch-Pruning: pip install 'selfscale[bench]'"
 TP_METHODS = {"tp-taylor": "TaylorImportance", "tp-l1": "MagnitudeImportance(p=1)",
@@ -273,9 +273,9 @@ def minimize_job(job: dict[str, Any]) -> dict[str, Any]:
     if not resume and target.exists():  # a copy this script began but never got to save in
         shutil.rmtree(target)
     run = load_run(target if resume else Path(job["base"]), job["device"])
-    cfg = MinimizeConfig(strategy=job["strategy"], threshold=job["threshold"],
-                         retrain_steps=job["retrain_steps"], finetune_steps=job["finetune_steps"],
-                         seed=job["seed"])
+    given = {k: job[k] for k in ("strategy", "threshold", "seed", "retrain_steps",
+                                 "finetune_steps") if job[k] is not None}
+    cfg = minimize_config_for(run.config.train.recipe, given)  # lengths: the base's recipe's
     t0 = time.perf_counter()
     s = minimize_run(run, prepare_data(run.config), cfg, out=target, resume=resume).summary
     row = {**_key(job), "method": "selfscale", "widths": s["widths_after"],
@@ -439,8 +439,12 @@ def main() -> None:
                         "(the format of a run's config.toml); the flags above override it")
     p.add_argument("--strategy", default=MinimizeConfig.strategy)
     p.add_argument("--thresholds", default="0.90,0.95,0.98")
-    p.add_argument("--retrain-steps", type=int, default=MinimizeConfig.retrain_steps)
-    p.add_argument("--finetune-steps", type=int, default=MinimizeConfig.finetune_steps)
+    p.add_argument("--retrain-steps", type=int, default=None,
+                   help="default: selfscale minimize's for the base's recipe (capacity 7000, "
+                        "thesis 2000)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="default: selfscale minimize's for the base's recipe (capacity 17500, "
+                        "thesis 5000)")
     p.add_argument("--scratch-budget", choices=SCRATCH_BUDGETS, default="total",
                    help="from-scratch training steps: total = base steps + the minimization's "
                         "steps (all the selfscale network got); minimize = the latter only")
@@ -454,8 +458,10 @@ def main() -> None:
     try:
         thresholds = [float(t) for t in args.thresholds.split(",")]
         for t in thresholds:  # validate every flag of the minimization up front
-            MinimizeConfig(strategy=args.strategy, threshold=t, retrain_steps=args.retrain_steps,
-                           finetune_steps=args.finetune_steps)
+            MinimizeConfig(strategy=args.strategy, threshold=t,
+                           **{k: v for k, v in (("retrain_steps", args.retrain_steps),
+                                                ("finetune_steps", args.finetune_steps))
+                              if v is not None})
         extra = {}
         if args.config is not None:
             from selfscale.tomlfile import load_toml

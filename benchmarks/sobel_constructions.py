@@ -98,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4000, help="training steps from each construction (0: none)")
     p.add_argument("--lrs", default="3e-3,3e-4", help="peak learning rates of those trainings")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=12,
+                   help="crops per training step (default 12: selfscale 0.2.0's default, with "
+                        "which the README's table was made)")
     p.add_argument("--out", type=Path, default=Path("runs/constructions"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    config = RunConfig()
+    config = RunConfig.from_dict({"data": {"batch": args.batch}})
     data = prepare_data(config)
     crop, cpu = config.data.crop, torch.device("cpu")
     ts, _ = best_t_pair(np.round(np.arange(0.05, 1.0, 0.05), 2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,8 @@ def test_bad_arguments_exit_2(rs, tmp_path, capsys):
 
 def test_ripple_mode_scores_a_run_as_its_job_did_and_refuses_a_missing_one(rs, tmp_path, capsys):
     result = rs.run_job("default", 1, 4, 4, str(tmp_path / "run"))
+    stored = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert stored["data"]["batch"] == 12  # the search's start (0.2.0's default), not today's
     scores = rs.network_scores(tmp_path / "run")
     assert scores["f1"] == pytest.approx(result["f1"], abs=1e-6)
     assert scores["ripple"] == result["ripple"] or (np.isnan(scores["ripple"])

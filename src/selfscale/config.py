@@ -399,7 +399,7 @@ class MinimizeConfig:
     finetune_steps: int = 17_500
     """--finetune-steps: after the last decision, train the minimized network this many steps
     with the run's recipe (the schedule restarted); kept only if the score does not fall. Skipped
-    when no change was kept; 0 skips it. Default 17 500 for a run of the capacity recipe (as
+    when no change was kept; 0 skips it; default 17 500 for a run of the capacity recipe (as
     long as 5000 steps of 12 crops), 5000 for --recipe thesis."""
     reinit: bool = True
     """--reinit/--no-reinit: in modes disabled / others-frozen, redraw the tested mask from the
