@@ -89,6 +89,8 @@ def test_killed_run_resumes_bit_identical(image_dir, tmp_path):
             assert torch.equal(t, b["optimizer"]["state"][pid][name])
     assert a["rng"] == b["rng"] and a["step"] == b["step"] == 40
     assert _scores(full.state.history) == _scores(b["history"])
+    seconds = [r["train_seconds"] for r in b["history"]]
+    assert seconds == sorted(seconds) and seconds[-1] > seconds[1] > 0  # counted across the kill
 
 
 def test_evaluate_matches_metric_functions(image_dir, tmp_path):

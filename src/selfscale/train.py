@@ -281,7 +281,9 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
     loss_fn = LOSSES[spec.loss]
     device = spec.device
     save_every = spec.checkpoint_every or spec.eval_every
-    t0 = time.perf_counter()
+    # train_seconds counts on from the last record, so a resumed run reports its whole time
+    t0 = time.perf_counter() - (state.history[-1].get("train_seconds", 0.0) if state.history
+                                else 0.0)
     stopped = bool(spec.stop_after and state.history and state.history[-1].get("stopped"))
     while state.step < until_step and not stopped:
         # 1. sample a batch (numpy generator: reproducible, saved with the state)
