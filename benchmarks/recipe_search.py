@@ -5,11 +5,11 @@ Issue "train to capacity" asks for soft F1 ≥ 0.95 on sobel; selfscale 0.2.0's 
 holds 0.945 (``sobel_constructions.py``). This benchmark trains that recipe (:data:`START`, the
 ``default`` variant; the search that made batch 3 the default started from it) and variants
 that change one thing (the schedule, the learning rate, the loss, the batch shape, the
-initialization, the first layer's start, the width), each for ``--steps`` steps and ``--seeds`` seeds, and prints per variant the held-out
-soft F1 and UIQI (mean and worst over the seeds, the last evaluation) and how far the network is
-from an isotropic magnitude: the *angular ripple*, the spread of the median prediction/target
-ratio over 15° bins of gradient direction (strong edges, target > 0.1, 8 pixels away from the
-crop border), relative to its mean. The hand-built network's ripple is below 0.01; a network
+initialization, the first layer's start, the width), each for ``--steps`` steps and ``--seeds``
+seeds, and prints per variant the held-out soft F1 and UIQI (mean and worst over the seeds,
+the last evaluation) and how far the network is from an isotropic magnitude: the *angular
+ripple*, the spread of the median prediction/target ratio over 15° bins of gradient direction
+(strong edges, target > 0.1, 8 pixels away from the crop border), relative to its mean. The hand-built network's ripple is below 0.01; a network
 that combines few directions ripples by several percent, and soft F1 on a continuous target
 pays for every percent.
 
@@ -136,15 +136,13 @@ def run_job(variant: str, seed: int, steps: int, eval_every: int, run_dir: str) 
     """Train one variant and seed in ``run_dir`` (continuing it when it exists); its scores."""
     import torch
 
-    from selfscale.config import RunConfig
+    from selfscale.config import RunConfig, merge_sections
     from selfscale.run import prepare_data, resume_run, save_run, start_run, train_run
 
     torch.set_num_threads(1)
     _, overrides, start = VARIANTS[variant]
-    raw = {s: dict(START.get(s, {})) | dict(overrides.get(s, {}))
-           for s in {*START, *overrides}}
-    raw["train"].update(seed=seed, steps=steps, eval_every=eval_every, threads=1)
-    config = RunConfig.from_dict(raw)
+    config = RunConfig.from_dict(merge_sections(START, overrides, {"train": {
+        "seed": seed, "steps": steps, "eval_every": eval_every, "threads": 1}}))
     data = prepare_data(config)
     path = Path(run_dir)
     t0 = time.perf_counter()

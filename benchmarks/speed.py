@@ -84,7 +84,8 @@ class Sizes:
 # FULL's retrains and minimization use 12 crops of 64² per step: selfscale 0.2.0's default recipe,
 # with which the README's table was measured (today's default is 3 crops).
 FULL = Sizes((256, 128), 3, (100, 600), 20.0, None, 400, {"batch": 12}, (4, 512),
-             (2000, 400, 400), 3, 2.0, True, ("--scale", "laptop", "--strategies", "l1", "--thresholds", "0.9,0.98"))
+             (2000, 400, 400), 3, 2.0, True,
+             ("--scale", "laptop", "--strategies", "l1", "--thresholds", "0.9,0.98"))
 QUICK = Sizes((64, 32), 3, (10, 40), 0.0, 1, 5, {"train_crop": 32, "crop": 64, "batch": 4},
               (2, 128), (100, 10, 10), 2, 0.05, False, ("--scale", "smoke"))
 
