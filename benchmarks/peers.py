@@ -382,33 +382,38 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _scored(by: dict[str, dict[str, Any]], *methods: str) -> bool:
+    """Whether every one of ``methods`` has a score (a result that was not skipped)."""
+    return all(m in by and not by[m].get("skipped") for m in methods)
+
+
 def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Per task and threshold: mean F1 of every method over the seeds, and whether selfscale's
-    mean is at least the best Torch-Pruning variant's (and in how many seeds it is)."""
+    """Per task and threshold: mean F1 of every method over the seeds where selfscale and every
+    Torch-Pruning variant have a score (so all means cover the same seeds), and whether
+    selfscale's mean is at least the best variant's (and in how many of those seeds it is)."""
     per: dict[tuple, list[dict[str, dict[str, Any]]]] = {}
     for (task, _, threshold), by in group_rows(rows).items():
         per.setdefault((task, threshold), []).append(by)
     lines = []
     for (task, threshold), seeds in per.items():
-        means = {}
-        for m in METHODS:
-            vals = [by[m]["f1"] for by in seeds if m in by and not by[m].get("skipped")]
-            if vals:
-                means[m] = statistics.mean(vals)
+        paired = [by for by in seeds if _scored(by, "selfscale", *TP_METHODS)]
+        if not paired:
+            own = [by["selfscale"]["f1"] for by in seeds if _scored(by, "selfscale")]
+            text = f"selfscale {statistics.mean(own):.3f}" if own else "no result"
+            lines.append(f"- {task} @ {threshold:.2f}, mean F1 over {len(own)} seed(s): {text}. "
+                         "No Torch-Pruning result to compare")
+            continue
+        means = {m: statistics.mean(by[m]["f1"] for by in paired) for m in METHODS
+                 if all(_scored(by, m) for by in paired)}
         text = ", ".join(f"{m} {v:.3f}" for m, v in means.items())
-        tp = {m: v for m, v in means.items() if m in TP_METHODS}
-        if tp and "selfscale" in means:
-            best = max(tp, key=tp.get)
-            wins = sum(1 for by in seeds if all(m in by and not by[m].get("skipped")
-                                                for m in TP_METHODS)
-                       and by["selfscale"]["f1"] >= max(by[m]["f1"] for m in TP_METHODS))
-            verdict = (f"selfscale ≥ best Torch-Pruning ({best} {tp[best]:.3f}): "
-                       f"{'yes' if means['selfscale'] >= tp[best] else 'no'}; "
-                       f"per seed {wins}/{len(seeds)}")
-        else:
-            verdict = "no Torch-Pruning result to compare"
-        lines.append(f"- {task} @ {threshold:.2f}, mean F1 over {len(seeds)} seed(s): {text}. "
-                     f"{verdict}")
+        best = max(TP_METHODS, key=means.get)
+        wins = sum(1 for by in paired
+                   if by["selfscale"]["f1"] >= max(by[m]["f1"] for m in TP_METHODS))
+        of = f" of {len(seeds)}" if len(paired) < len(seeds) else ""
+        lines.append(f"- {task} @ {threshold:.2f}, mean F1 over {len(paired)}{of} seed(s): {text}. "
+                     f"selfscale ≥ best Torch-Pruning ({best} {means[best]:.3f}): "
+                     f"{'yes' if means['selfscale'] >= means[best] else 'no'}; "
+                     f"per seed {wins}/{len(paired)}")
     return lines
 
 

@@ -61,6 +61,23 @@ def test_table_and_summary_layout(peers):
     assert "per seed 1/2" in line
 
 
+def test_summary_means_cover_the_same_seeds(peers):
+    """A seed whose Torch-Pruning results are missing (skipped: a layer went) enters no mean, so
+    selfscale is never averaged over other seeds than the variants it is compared with."""
+    scores = {"selfscale": 0.80, "tp-taylor": 0.70, "tp-l1": 0.75, "tp-random": 0.60,
+              "cut-at-once": 0.68, "scratch": 0.72}
+    rows = _rows(scores, 0) + _rows({**scores, "selfscale": 0.50}, 1)
+    rows = [{**r, "skipped": "a hidden layer was removed"}
+            if r["seed"] == 1 and r["method"].startswith("tp-") else r for r in rows]
+    (line,) = peers.summary_lines(rows)
+    assert "over 1 of 2 seed(s): selfscale 0.800," in line
+    assert "best Torch-Pruning (tp-l1 0.750): yes; per seed 1/1" in line
+    no_tp = [r for r in rows if r["seed"] == 1]
+    expected = ("- sobel @ 0.90, mean F1 over 1 seed(s): selfscale 0.500. No Torch-Pruning "
+                "result to compare")
+    assert peers.summary_lines(no_tp) == [expected]
+
+
 def test_skipped_peer_shows_a_dash_and_same_choice_is_marked(peers):
     rows = _rows({"selfscale": 0.7, "tp-taylor": 0.7, "tp-l1": 0.7, "tp-random": 0.7,
                   "cut-at-once": 0.7, "scratch": 0.7})
