@@ -173,6 +173,20 @@ def test_quick_run_writes_every_number(tmp_path):
     assert len(report["rows"]) == len(done.stdout.splitlines()) - 2
 
 
+def test_retrain_batch_sets_the_crops_of_the_retrain_section(tmp_path):
+    out = tmp_path / "speed.json"
+    done = _bench("--quick", "--only", "retrain", "--retrain-batch", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    retrain = json.loads(out.read_text())["sections"]["retrain"]
+    assert retrain["crops_per_step"] == 2
+    assert "retrain k=8 (1/1/1), 2 crops/step: speed-up" in done.stdout
+
+
+def test_retrain_batch_below_one_is_a_one_line_usage_error(speed, capsys):
+    assert speed.main(["--quick", "--retrain-batch", "0"]) == 2
+    assert capsys.readouterr().err == "speed.py: error: --retrain-batch: must be at least 1, got 0\n"
+
+
 def test_refuses_to_overwrite_an_existing_out(tmp_path):
     out = tmp_path / "speed.json"
     out.write_text("keep me\n")
