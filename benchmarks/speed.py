@@ -548,8 +548,8 @@ def section_minimize(ctx: Ctx) -> tuple[list, dict]:
     outside = 1 - shares["training steps"] - shares.get("batch sampling", 0.0)
     crops = run.config.data.batch
     raw["crops_per_step"] = crops
-    return [row(f"minimize, {crops} crops/step: share of wall time not in training steps (batch "
-                "+ update)", outside, ("<=", 0.10), note)], raw
+    return [row(f"minimize, {crops} crops/step, retrains {retrain} steps: share of wall time not "
+                "in training steps (batch + update)", outside, ("<=", 0.10), note)], raw
 
 
 def section_study(ctx: Ctx) -> tuple[list, dict]:
@@ -605,9 +605,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retrain-batch", type=int, metavar="CROPS",
                    help="crops per step in the retrain and minimize sections (default 12, "
                         "selfscale 0.2.0's recipe; today's default recipe trains 3; quick 4)")
+    p.add_argument("--min-steps", metavar="BASE,RETRAIN,FINETUNE",
+                   help="the minimize section's base, retrain and fine-tune steps (default "
+                        "2000,400,400; quick 100,10,10)")
     p.add_argument("--plain-port-child", type=int, metavar="STEPS", help=argparse.SUPPRESS)
     p.add_argument("--crop", type=int, default=256, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def parse_min_steps(text: str) -> tuple[int, int, int]:
+    """``--min-steps BASE,RETRAIN,FINETUNE``: three counts, base and retrain at least 1."""
+    try:
+        base, retrain, finetune = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--min-steps: expected BASE,RETRAIN,FINETUNE (three integers), got "
+                         f"{text!r}") from None
+    if base < 1 or retrain < 1 or finetune < 0:
+        raise ValueError(f"--min-steps: base and retrain steps must be at least 1 and fine-tune "
+                         f"steps at least 0, got {text!r}")
+    return base, retrain, finetune
 
 
 def sections_of(only: str | None, quick: bool) -> list[str]:
@@ -642,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.retrain_batch < 1:
                 raise ValueError(f"--retrain-batch: must be at least 1, got {args.retrain_batch}")
             sizes = replace(sizes, data={**sizes.data, "batch": args.retrain_batch})
+        if args.min_steps is not None:
+            sizes = replace(sizes, min_steps=parse_min_steps(args.min_steps))
         repeats = sizes.repeats if args.repeats is None else args.repeats
         chunk = sizes.chunk_seconds if args.chunk_seconds is None else args.chunk_seconds
         if repeats < 1 or chunk < 0:

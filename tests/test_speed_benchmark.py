@@ -187,6 +187,13 @@ def test_retrain_batch_below_one_is_a_one_line_usage_error(speed, capsys):
     assert capsys.readouterr().err == "speed.py: error: --retrain-batch: must be at least 1, got 0\n"
 
 
+def test_min_steps_parses_three_counts_and_refuses_the_rest(speed):
+    assert speed.parse_min_steps("2000,7000,0") == (2000, 7000, 0)
+    for bad in ("2000,7000", "a,b,c", "0,10,10", "10,0,10", "10,10,-1"):
+        with pytest.raises(ValueError, match="--min-steps: "):
+            speed.parse_min_steps(bad)
+
+
 def test_refuses_to_overwrite_an_existing_out(tmp_path):
     out = tmp_path / "speed.json"
     out.write_text("keep me\n")
