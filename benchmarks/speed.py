@@ -20,6 +20,9 @@ each keeps its best chunk (:func:`best_rate`). Raw rates go to the JSON, never i
 
     python benchmarks/speed.py --out /tmp/speed.json --threads 1
     python benchmarks/speed.py --quick --only train,retrain,inference --out /tmp/quick.json
+    # retrains and a minimization as today's default recipe runs them (3 crops, 7000/17 500)
+    python benchmarks/speed.py --only retrain,minimize --retrain-batch 3 \\
+        --min-steps 2000,7000,17500 --out /tmp/speed-b3.json
     python benchmarks/speed.py --device cuda --only train,retrain,inference --out /tmp/gpu.json
 """
 
