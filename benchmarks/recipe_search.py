@@ -9,9 +9,9 @@ initialization, the first layer's start, the width), each for ``--steps`` steps 
 seeds, and prints per variant the held-out soft F1 and UIQI (mean and worst over the seeds,
 the last evaluation) and how far the network is from an isotropic magnitude: the *angular
 ripple*, the spread of the median prediction/target ratio over 15° bins of gradient direction
-(strong edges, target > 0.1, 8 pixels away from the crop border), relative to its mean. The hand-built network's ripple is below 0.01; a network
-that combines few directions ripples by several percent, and soft F1 on a continuous target
-pays for every percent.
+(strong edges, target > 0.1, 8 pixels away from the crop border), relative to its mean. The
+hand-built network's ripple is below 0.01; a network that combines few directions ripples by
+several percent, and soft F1 on a continuous target pays for every percent.
 
 First-layer starts (``l1``): the He draw changed before training. ``zero-mean`` subtracts each
 mask's mean (no intensity pass-through at the start); ``mirrored`` sets masks 1 and 3 to the
