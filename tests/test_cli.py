@@ -193,6 +193,7 @@ def test_only_minimizing_commands_import_the_minimize_package(trained, tmp_path,
     (["minimize", "/no/run"], "run directory not found"),
     (["minimize", "/tmp", "--threshold", "1.5"], "--threshold"),
     (["minimize", "/tmp", "--strategy", "magic"], "--strategy"),
+    (["minimize", "/tmp", "--abort-below", "1"], "--abort-below"),
     (["train", "--resume"], "--resume"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(argv, needle, tmp_path, capsys, monkeypatch):

@@ -434,7 +434,8 @@ def test_judge_best_keeps_a_removal_that_recovers_late_and_judges_by_its_best(tr
     for judge, scripted, kept in (("best", [0.2, 0.3, 1.0, 0.6], True), ("final", [0.6], False)):
         m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.9,
                                             layers=False, max_steps=1, judge=judge,
-                                            retrain_steps=8, free_below=2), spec, data)
+                                            retrain_steps=8, free_below=2, abort_below=0),
+                  spec, data)
         ref = m.reference
         it = iter(scripted)
 
@@ -452,6 +453,66 @@ def test_judge_best_keeps_a_removal_that_recovers_late_and_judges_by_its_best(tr
             assert best["step"] == run.state.step + 6
             assert all(torch.equal(v.cpu(), best["model"][k])
                        for k, v in m.current.model.state_dict().items())
+
+
+def _scripted_evaluations(monkeypatch, ref, ratios):
+    """Evaluations during training score the given ratios of ``ref`` in turn (real otherwise)."""
+    from selfscale import train as train_module
+
+    real, it = train_module.evaluate, iter(ratios)
+    monkeypatch.setattr(train_module, "evaluate", lambda model, images, crop, device: {
+        **real(model, images, crop, device), "f1": next(it) * ref})
+
+
+@pytest.mark.parametrize("ratios, trained_steps, kept", [
+    ([0.5, 0.9, 0.95, 0.95], 2, False),  # hopeless at a quarter: stopped there, stepped back
+    ([0.7, 0.5, 0.9, 0.95], 4, False),  # not hopeless at a quarter, hopeless at the half
+    ([0.65, 0.8, 0.9, 0.95], 8, True),  # low but not hopeless: retrained in full, recovers
+])
+def test_abort_below_stops_a_hopeless_retrain_early(trained, monkeypatch, ratios,
+                                                    trained_steps, kept):
+    """--abort-below 0.7 at threshold 0.9: a retrain is evaluated every quarter (2 of its 8
+    steps) and stops at the first evaluation whose ratio is under 0.7 × 0.9 = 0.63. Only the
+    steps trained count; the log says it stopped early and shows the evaluations."""
+    run, _ = trained
+    spec, data = _env(run)
+    m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.9,
+                                        layers=False, max_steps=1, retrain_steps=8, free_below=2,
+                                        abort_below=0.7), spec, data)
+    _scripted_evaluations(monkeypatch, m.reference, ratios)
+    snapshot = {k: v.clone() for k, v in m.current.model.state_dict().items()}
+    minimize(m, spec, data)
+    (d,) = m.log
+    assert (d["kept"], d["steps_trained"], m.steps_trained) == (kept, trained_steps,
+                                                                  trained_steps)
+    assert d["stopped_early"] is (trained_steps < 8)
+    assert d["trajectory"] == pytest.approx([r * m.reference for r in ratios[:trained_steps // 2]])
+    if not kept:  # stepped back to the snapshot, step counter included
+        assert m.current.step == run.state.step
+        assert all(torch.equal(v, snapshot[k]) for k, v in m.current.model.state_dict().items())
+
+
+def test_evaluations_for_abort_below_do_not_change_the_training(trained):
+    """With --abort-below the retrains are evaluated every quarter; when nothing is hopeless the
+    minimization trains exactly as with --abort-below 0 (one evaluation per retrain): the same
+    decisions, scores and weights."""
+    run, _ = trained
+    spec, data = _env(run)
+    ends = []
+    for abort in (0.0, 1e-6):
+        m = start(run.state, MinimizeConfig(finetune_steps=0, strategy="seq", threshold=0.5,
+                                            layers=False, max_steps=3, retrain_steps=8,
+                                            free_below=2, abort_below=abort), spec, data)
+        minimize(m, spec, data)
+        ends.append(m)
+    (a, b) = ends
+    assert [len(d["trajectory"]) for d in a.log] == [1, 1, 1]
+    assert [len(d["trajectory"]) for d in b.log] == [4, 4, 4]
+    assert [(d["tried"], d["kept"], d["score"]) for d in a.log] == \
+        [(d["tried"], d["kept"], d["score"]) for d in b.log]
+    assert not any(d["stopped_early"] for d in b.log) and a.steps_trained == b.steps_trained == 24
+    assert all(torch.equal(v, b.current.model.state_dict()[k])
+               for k, v in a.current.model.state_dict().items())
 
 
 def test_a_finetune_that_lowers_the_score_is_undone(trained, monkeypatch):

@@ -393,6 +393,11 @@ class MinimizeConfig:
     whose weights are kept: the thesis's 'best') or paired (its final score against the
     unchanged network retrained as long on the same batches, times the unchanged network's own
     ratio to the reference)."""
+    abort_below: float = 0.7
+    """--abort-below: a retrain is evaluated every quarter of its steps, and one whose ratio to
+    the reference is below this share of the threshold at an evaluation from a quarter in (before
+    its end) stops there and is stepped back, saving the rest of its steps (a hopeless change,
+    such as most layer removals); 0 never stops early."""
     free_below: float = 0.999
     """--free-below: masks that output zero on at least this share of training pixels are tried
     first, without a retrain (free removals); above 1 turns this off."""
@@ -434,6 +439,8 @@ class MinimizeConfig:
                "must be a non-negative integer")
         _check(self.judge in JUDGES, "--judge", self.judge,
                f"must be one of {', '.join(JUDGES)}")
+        _check(_num(self.abort_below) and 0 <= self.abort_below < 1, "--abort-below",
+               self.abort_below, "must be a number from 0 to below 1")
         _check(_num(self.free_below) and 0 < self.free_below, "--free-below", self.free_below,
                "must be a positive number (above 1: no free removals)")
         _check(_int(self.finetune_steps) and self.finetune_steps >= 0, "--finetune-steps",

@@ -265,7 +265,8 @@ class TrainHooks:
     """What the loop reports to its caller; all optional."""
 
     on_step: Callable[[int, float], None] | None = None  # (step, loss)
-    on_eval: Callable[[TrainState, dict[str, Any]], None] | None = None  # after each evaluation
+    on_eval: Callable[[TrainState, dict[str, Any]], bool | None] | None = None
+    """After each evaluation; returning True stops the training there (marked ``stopped``)."""
     on_checkpoint: Callable[[TrainState], None] | None = None
 
 
@@ -275,7 +276,8 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
     at the end; checkpoint (through ``hooks.on_checkpoint``) at every evaluation or every
     ``spec.checkpoint_every`` steps. Evaluation and checkpoint steps are absolute step numbers, so
     a resumed run evaluates at the same steps as an uninterrupted one. With ``spec.stop_after``
-    it stops early on stagnation (the last evaluation is marked ``stopped``), and with
+    it stops early on stagnation (the last evaluation is marked ``stopped``), as it does when
+    ``hooks.on_eval`` returns True, and with
     ``spec.keep_best`` it ends on the weights of its best evaluation."""
     hooks = hooks or TrainHooks()
     loss_fn = LOSSES[spec.loss]
@@ -316,8 +318,8 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
                 state.best = {"step": state.step, "score": record[spec.best_metric],
                               "model": {k: v.detach().cpu().clone()
                                         for k, v in state.model.state_dict().items()}}
-            if hooks.on_eval:
-                hooks.on_eval(state, record)
+            if hooks.on_eval and hooks.on_eval(state, record):
+                record["stopped"] = stopped = True
         # 4. checkpoint
         if saving or (stopped and hooks.on_checkpoint):
             hooks.on_checkpoint(state)

@@ -137,9 +137,9 @@ def train_active(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spe
         if fn is None:
             return None
 
-        def call(s: TrainState, *args: Any) -> None:
+        def call(s: TrainState, *args: Any) -> Any:
             widen_(state, s, kept)
-            fn(state, *args)
+            return fn(state, *args)
         return call
 
     train(small, train_set, eval_set, spec, until_step=until_step,

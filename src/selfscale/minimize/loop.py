@@ -31,11 +31,12 @@ from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, pruna
 from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
 from selfscale.minimize.strategies import make_strategy
 from selfscale.model import dead_masks, mask_activity
-from selfscale.train import EVAL_BATCH, TrainSpec, TrainState, as_input, best_record, evaluate
+from selfscale.train import (EVAL_BATCH, TrainHooks, TrainSpec, TrainState, as_input,
+                             best_record, evaluate)
 
 PHASES = ("free", "masks", "layers", "finetune", "done")
 JUDGE_EVALS = 4
-"""--judge best: evaluations during each retrain."""
+"""--judge best, --abort-below: evaluations during each retrain."""
 
 
 @dataclass
@@ -157,24 +158,39 @@ def start(base: TrainState, config: MinimizeConfig, spec: TrainSpec,
 
 
 def retrain(state: TrainState, steps: int, spec: TrainSpec, data: Datasets, *,
-            judge: str = "final", metric: str = "f1") -> dict[str, Any]:
+            judge: str = "final", metric: str = "f1",
+            stop: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Train ``steps`` steps from the state's current step with the run's spec and return the
     evaluation the change is judged by: ``final``, the one at the end; ``best``, the best of
-    ``JUDGE_EVALS`` evaluations during the retrain, whose weights the state then holds. With 0
-    steps: an evaluation of the state as it is. Only the active channels train
-    (:mod:`selfscale.minimize.active`), so a retrain gets cheaper as masks go."""
+    ``JUDGE_EVALS`` evaluations during the retrain, whose weights the state then holds. With
+    ``stop``, the retrain is evaluated as often and ends at the first evaluation from a quarter
+    in that ``stop`` holds hopeless. The record adds the steps ``trained`` and the metric's
+    ``trajectory``. With 0 steps: an evaluation of the state as it is. Only the active channels
+    train (:mod:`selfscale.minimize.active`), so a retrain gets cheaper as masks go."""
     if steps == 0:
         scores = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
         scores.pop("n_images")
-        return {"step": state.step, **scores}
+        return {"step": state.step, **scores, "trained": 0, "trajectory": []}
     start, rs = state.step, spec.for_retrain(state.step, steps)
+    if judge == "best" or stop is not None:
+        rs = replace(rs, eval_every=max(steps // JUDGE_EVALS, 1))
     if judge == "best":
-        rs = replace(rs, eval_every=max(steps // JUDGE_EVALS, 1), keep_best=True,
-                     best_metric=metric)
-    train_active(state, data.train, data.eval, rs, until_step=start + steps)
-    if judge == "best":
-        return best_record([r for r in state.history if r["step"] > start], metric)
-    return state.history[-1]
+        rs = replace(rs, keep_best=True, best_metric=metric)
+    hooks = None if stop is None else TrainHooks(
+        on_eval=lambda s, record: (steps // JUDGE_EVALS <= s.step - start < steps
+                                   and stop(record)))
+    train_active(state, data.train, data.eval, rs, until_step=start + steps, hooks=hooks)
+    evals = [r for r in state.history if r["step"] > start]
+    record = best_record(evals, metric) if judge == "best" else evals[-1]
+    return {**record, "trained": state.step - start, "trajectory": [r[metric] for r in evals]}
+
+
+def hopeless(m: Minimization) -> Callable[[dict[str, Any]], bool]:
+    """--abort-below: whether an evaluation during a retrain is so far below the line (its ratio
+    to the reference under ``abort_below`` × threshold) that the retrain stops there."""
+    cfg = m.config
+    line = cfg.abort_below * cfg.threshold
+    return lambda record: ratio(record[cfg.metric], m.reference, cfg.metric) < line
 
 
 def judged_paired(m: Minimization, score: float, steps: int, spec: TrainSpec,
@@ -235,14 +251,16 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         trial = alter(m, cand, spec)
         # 3. retrain (a free removal is judged as it is) and 4. evaluate
         steps = 0 if free else cfg.retrain_steps
-        record = retrain(trial, steps, spec, data, judge=cfg.judge, metric=cfg.metric)
-        score = record[cfg.metric]
+        record = retrain(trial, steps, spec, data, judge=cfg.judge, metric=cfg.metric,
+                         stop=hopeless(m) if steps and cfg.abort_below else None)
+        score, trained = record[cfg.metric], record.get("trained", steps)
+        stopped = trained < steps  # --abort-below: a hopeless change, stepped back
         # 5. keep the change or step back to the snapshot
         r, paired = ratio(score, m.reference, cfg.metric), None
-        if cfg.judge == "paired" and steps:
+        if cfg.judge == "paired" and steps and not stopped:
             r = judged_paired(m, score, steps, spec, data)
             paired = m.paired["score"]
-        kept = r >= cfg.threshold
+        kept = r >= cfg.threshold and not stopped
         reference_before = m.reference
         dead: list[str] = []
         if kept:
@@ -258,11 +276,12 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
             strategy.update(cand, kept)
             m.strategy_state = copy.deepcopy(strategy.state_dict())
         m.step += 1
-        m.steps_trained += steps
+        m.steps_trained += trained
         elapsed = time.perf_counter() - t0
         m.seconds += elapsed
         entry = decision_record(m, cand, record, reference_before, r, kept, elapsed) | {
-            "dead": dead, "steps_trained": steps, "paired_reference": paired}
+            "dead": dead, "steps_trained": trained, "paired_reference": paired,
+            "stopped_early": stopped, "trajectory": record.get("trajectory", [score])}
         if free:
             entry |= {"phase": "free", "strategy": "free"}
         m.log.append(entry)

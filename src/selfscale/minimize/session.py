@@ -114,7 +114,8 @@ def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path 
 
 DECISION_FIELDS = ("step", "phase", "strategy", "tried", "layer", "mask", "metric", "reference",
                    "score", "ratio", "threshold", "kept", "steps_trained", "active", "f1", "mae",
-                   "mse", "uiqi", "seconds", "dead", "paired_reference")
+                   "mse", "uiqi", "seconds", "dead", "paired_reference",
+                   "stopped_early", "trajectory")
 
 
 def write_decisions(mdir: Path, log: list[dict[str, Any]]) -> None:
@@ -123,7 +124,8 @@ def write_decisions(mdir: Path, log: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in log:
         writer.writerow({**row, "active": " ".join(map(str, row["active"])),
-                         "dead": "; ".join(row.get("dead", []))})
+                         "dead": "; ".join(row.get("dead", [])),
+                         "trajectory": " ".join(f"{v:.6g}" for v in row.get("trajectory", []))})
     atomic_write_text(mdir / "decisions.csv", buf.getvalue())
     atomic_write_text(mdir / "decisions.jsonl", "".join(json.dumps(r) + "\n" for r in log))
 
