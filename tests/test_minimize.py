@@ -578,3 +578,16 @@ def test_judge_paired_compares_with_the_unchanged_network_retrained_on_the_same_
                                                          0.98 * 0.50 / 0.48])
     assert [d["paired_reference"] for d in m.log] == pytest.approx([0.5 * x, 0.48 * x, 0.48 * x])
     assert m.steps_trained == 5 * 11
+
+
+def test_decision_line_says_when_a_retrain_stopped_early():
+    """The progress line of a decision names the steps of a retrain --abort-below stopped."""
+    from selfscale.views import decision_text
+
+    d = {"step": 6, "tried": "layer 1", "metric": "f1", "score": 0.2, "ratio": 0.22,
+         "threshold": 0.95, "kept": False, "active": [5, 4, 1], "seconds": 1.5,
+         "steps_trained": 1875, "stopped_early": True, "dead": []}
+    assert decision_text(d) == ("  step   6  layer 1              f1 0.2000  ratio 0.220 < 0.95  "
+                                "stepped back  active 5/4/1  (1.5 s)  stopped early after "
+                                "1875 steps")
+    assert "stopped early" not in decision_text({**d, "stopped_early": False})

@@ -67,6 +67,8 @@ def decision_text(d: dict[str, Any]) -> str:
     return (f"  step {d['step']:>3}  {d['tried']:<20} {d['metric']} {d['score']:.4f}  "
             f"ratio {d['ratio']:.3f} {'>=' if d['kept'] else '<'} {d['threshold']}  "
             f"{verdict:<12}  active {_slash(d['active'])}  ({d['seconds']:.1f} s)"
+            + (f"  stopped early after {d['steps_trained']} steps" if d.get("stopped_early")
+               else "")
             + (f"  dead, removed: {', '.join(d['dead'])}" if d.get("dead") else ""))
 
 
