@@ -22,7 +22,7 @@ from selfscale.minimize.strategies import (COSINE_STRATEGIES, REDUCTIONS, STRATE
 from selfscale.model import FCN
 
 COS_NAMES = [f"cos{r}{suffix}" for r in REDUCTIONS for suffix in ("", "-abs")]
-ALL_NAMES = sorted([*COS_NAMES, "l1", "fpgm", "taylor", "random", "seq", "oracle"])
+ALL_NAMES = sorted([*COS_NAMES, "l1", "group-l1", "fpgm", "taylor", "random", "seq", "oracle"])
 
 
 def M(layer, mask):
@@ -84,7 +84,7 @@ def test_registered_names():
 
 
 def test_registry_is_full_after_importing_only_the_strategies_module():
-    """A fresh interpreter that imports only selfscale.minimize.strategies sees all 16."""
+    """A fresh interpreter that imports only selfscale.minimize.strategies sees all 17."""
     code = ("import selfscale.minimize.strategies as s; "
             "print(','.join(sorted(s.STRATEGIES)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -233,6 +233,42 @@ def test_l1_picks_smallest_and_skips_disabled_output_and_last_mask():
     model.layers[0].enabled[1] = False
     assert make_strategy("l1").propose(make_ctx(model)) == M(0, 2)
     assert 1 not in l1_scores(model.layers[0])
+
+
+def test_group_l1_matches_a_reference_and_counts_what_reads_a_mask():
+    """group-l1: sum |w| of a mask's kernels from live inputs plus sum |w| of the enabled next
+    masks' kernels on its output, over its layer's mean (a numpy reference, with disabled masks
+    on both sides). Where a mask is small but strongly read, l1 and group-l1 disagree."""
+    from selfscale.minimize.magnitude import group_l1_scores
+
+    model = random_model((4, 3, 1), seed=3)
+    model.layers[0].enabled[1] = False
+    model.layers[1].enabled[2] = False
+    w = [c.weight.detach().double().abs().numpy() for c in model.layers]
+    on = [c.enabled.numpy() for c in model.layers]
+    expected = {}
+    for i in range(2):
+        live_in = on[i - 1] if i else np.ones(1, dtype=bool)
+        raw = {m: w[i][m][live_in].sum() + w[i + 1][on[i + 1]][:, m].sum()
+               for m in range(len(on[i])) if on[i][m]}
+        mean = np.mean(list(raw.values()))
+        expected |= {(i, m): v / mean for m, v in raw.items()}
+    assert group_l1_scores(model) == pytest.approx(expected, rel=1e-12)
+
+    model = FCN((3, 2, 1), 3)
+    with torch.no_grad():
+        for m, scale in enumerate([0.5, 0.1, 0.3]):  # l1 ranks layer-1 mask 2 (0.1) first …
+            model.layers[0].weight[m].fill_(scale)
+        for m, scale in enumerate([0.01, 1.0, 0.02]):  # … but layer 2 reads it strongly
+            model.layers[1].weight[:, m].fill_(scale)
+        model.layers[2].weight[0, 0].fill_(0.5)
+        model.layers[2].weight[0, 1].fill_(0.1)
+    # layer 1 raw: 4.5 + 0.18, 0.9 + 18, 2.7 + 0.36 (mean 8.88); layer 2: 9.27 + 4.5, 9.27 + 0.9
+    assert group_l1_scores(model) == pytest.approx(
+        {(0, 0): 4.68 / 8.88, (0, 1): 18.9 / 8.88, (0, 2): 3.06 / 8.88,
+         (1, 0): 13.77 / 11.97, (1, 1): 10.17 / 11.97})
+    assert make_strategy("l1").propose(make_ctx(model)) == M(0, 1)
+    assert make_strategy("group-l1").propose(make_ctx(model)) == M(0, 2)
 
 
 def test_fpgm_matches_scipy():

@@ -10,7 +10,8 @@ leave them out too (``inputs=`` below); a direct call without ``inputs`` uses ev
 
 Ranking rule shared by all ranked strategies: one global list over every layer, restricted to
 ``ctx.prunable``, sorted by score — highest first for the cosine scores (most redundant), lowest
-first for l1, fpgm and taylor (least important) — ties broken by (layer, mask) ascending.
+first for l1, group-l1, fpgm and taylor (least important) — ties broken by (layer, mask)
+ascending. The magnitude criteria live in :mod:`selfscale.minimize.magnitude`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from selfscale.config import MinimizeConfig
 from selfscale.errors import CheckpointError, ConfigError
+from selfscale.minimize.magnitude import group_l1_scores, l1_scores
 from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
 from selfscale.model import FCN, MaskedConv2d
 
@@ -102,23 +104,6 @@ def cos_scores(conv: MaskedConv2d, reduce: str = "max", absolute: bool = False, 
         sim = sim.abs()
     off_diagonal = ~torch.eye(len(idx), dtype=torch.bool)
     return {m: _reduce(sim[r][off_diagonal[r]], reduce) for r, m in enumerate(idx)}
-
-
-def l1_scores(conv: MaskedConv2d, *, inputs: Tensor | None = None) -> dict[int, float]:
-    """Weight magnitude of each enabled mask (Li et al. 2017, "Pruning Filters for Efficient
-    ConvNets"): ``mean |w|`` over the mask's kernel weights (bias not included).
-
-    Li et al. sum; the mean (sum divided by ``n_inputs·k·k``) lets layers with different fan-in
-    compete in one global ranking. The smallest score ranks first.
-    """
-    weight = conv.weight.detach().to(torch.float64)
-    if inputs is not None:
-        weight = weight[:, inputs.to(torch.bool)]
-    idx = torch.nonzero(conv.enabled).flatten().tolist()
-    if weight.shape[1] == 0:
-        return {m: 0.0 for m in idx}
-    per_mask = weight.abs().reshape(weight.shape[0], -1).mean(dim=1)
-    return {m: float(per_mask[m]) for m in idx}
 
 
 def fpgm_scores(conv: MaskedConv2d, *, inputs: Tensor | None = None) -> dict[int, float]:
@@ -347,6 +332,15 @@ class L1(RankedStrategy):
 
     def scores(self, ctx: SelectionContext) -> dict[Key, float]:
         return _per_layer(ctx.model, l1_scores)
+
+
+@register_strategy("group-l1")
+class GroupL1(RankedStrategy):
+    """Smallest group magnitude first (:func:`group_l1_scores`): a mask's weights plus the next
+    layer's weights on its output, over its layer's mean."""
+
+    def scores(self, ctx: SelectionContext) -> dict[Key, float]:
+        return group_l1_scores(ctx.model)
 
 
 @register_strategy("fpgm")
