@@ -486,6 +486,10 @@ def test_abort_below_stops_a_hopeless_retrain_early(trained, monkeypatch, ratios
     assert (d["kept"], d["steps_trained"], m.steps_trained) == (kept, trained_steps,
                                                                   trained_steps)
     assert d["stopped_early"] is (trained_steps < 8)
+    from selfscale.views import minimization_text
+    s = summary(m, m.base_scores)
+    assert s["stopped_early"] == int(trained_steps < 8)
+    assert (", 1 stopped early, " in minimization_text(s)) is (trained_steps < 8)
     assert d["trajectory"] == pytest.approx([r * m.reference for r in ratios[:trained_steps // 2]])
     if not kept:  # stepped back to the snapshot, step counter included
         assert m.current.step == run.state.step

@@ -76,7 +76,8 @@ def minimization_text(s: dict[str, Any]) -> str:
     before, after = s["scores_before"], s["scores_after"]
     lines = [f"minimization ({s['strategy']}, threshold {s['threshold']} of {s['reference']} "
              f"{s['metric']}, mode {s['mode']}): {s['decisions']} decisions, {s['kept']} kept, "
-             f"{s['steps_trained']} retrain steps, {s['seconds']:.1f} s",
+             + (f"{s['stopped_early']} stopped early, " if s.get("stopped_early") else "")
+             + f"{s['steps_trained']} retrain steps, {s['seconds']:.1f} s",
              f"  masks per layer  {_slash(s['widths_before'])} -> {_slash(s['widths_after'])}   "
              f"(prunable masks {s['masks_before']} -> {s['masks_after']}, layers "
              f"{s['layers_before']} -> {s['layers_after']})",

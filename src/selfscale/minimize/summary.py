@@ -47,6 +47,7 @@ def summary(m: Minimization, final_scores: dict[str, float]) -> dict[str, Any]:
         "free_removals": sum(1 for d in m.log if d["phase"] == "free" and d["kept"]),
         "decisions": m.step,
         "kept": sum(1 for d in m.log if d["kept"]),
+        "stopped_early": sum(1 for d in m.log if d.get("stopped_early")),
         "steps_trained": m.steps_trained,
         "seconds": round(m.seconds, 2),
         "mask_matrix": mask_matrix(m),
