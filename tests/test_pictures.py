@@ -134,3 +134,20 @@ def test_a_folder_that_is_not_a_run_or_a_broken_image_is_refused(tmp_path, run_d
     assert main(["visualize", str(run_dir), "--image", str(bad), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--image: " in err and err.count("\n") == 1
+
+
+def test_decision_points_separate_retrains_stopped_early(tmp_path):
+    """decisions.png: kept, stepped back after a whole retrain, and stopped early
+    (--abort-below) are three kinds of marker; a log from before --abort-below has no third."""
+    from selfscale.pictures import decision_points, decisions_figure
+
+    log = [{"kept": True, "score": 0.9, "stopped_early": False},
+           {"kept": False, "score": 0.8, "stopped_early": False},
+           {"kept": False, "score": 0.2, "stopped_early": True},
+           {"kept": False, "score": 0.7}]
+    assert decision_points(log) == {"kept": [(1, 0.9)], "stepped back": [(2, 0.8), (4, 0.7)],
+                                    "stopped early": [(3, 0.2)]}
+    for d in log:
+        d |= {"reference": 1.0, "threshold": 0.95, "tried": "layer 1", "metric": "f1"}
+    png = decisions_figure(log, tmp_path / "decisions")
+    assert png.is_file() and Image.open(png).size[0] > 100

@@ -7,7 +7,7 @@ Written into ``--out DIR``:
   ``--image`` file, or the run's first eval image, centre-cropped to at most :data:`MAX_SIDE`;
 * ``curves.png`` / ``.svg``: the training loss and each metric against the step (history.csv);
 * ``decisions.png`` / ``.svg``: for a minimized network, the score of every decision against the
-  kept reference × threshold, kept and stepped-back decisions marked;
+  kept reference × threshold, kept, stepped-back and stopped-early decisions marked;
 * ``snapshots.png``: input, target and output of the eval crops at stored training steps
   (Fig 3.2–3.3), when the run was trained with ``--snapshot-every``.
 
@@ -164,9 +164,22 @@ def curves_figure(history: list[dict[str, Any]], stem: Path, *, title: str) -> P
         return _save(fig, stem)
 
 
+def decision_points(log: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(decision number, score) of each decision by outcome: kept, stepped back after its whole
+    retrain, or stopped early (--abort-below: the score where its retrain stopped)."""
+    groups: dict[str, list[tuple[int, float]]] = {"kept": [], "stepped back": [],
+                                                  "stopped early": []}
+    for x, d in enumerate(log, start=1):
+        outcome = ("kept" if d["kept"] else
+                   "stopped early" if d.get("stopped_early") else "stepped back")
+        groups[outcome].append((x, d["score"]))
+    return groups
+
+
 def decisions_figure(log: list[dict[str, Any]], stem: Path) -> Path:
-    """The minimization's decisions: each decision's score, kept (green dot) or stepped back
-    (red cross), with the reference × threshold it was judged against (PNG and SVG)."""
+    """The minimization's decisions: each decision's score, kept (green dot), stepped back (red
+    cross) or stopped early (orange triangle), with the reference × threshold it was judged
+    against (PNG and SVG)."""
     from selfscale.study.figures import STYLE
 
     plt = _plt()
@@ -177,16 +190,18 @@ def decisions_figure(log: list[dict[str, Any]], stem: Path) -> Path:
         ax.step(xs, [d["reference"] * d["threshold"] for d in log], where="mid", color="0.4",
                 ls="--", lw=1, label="reference × threshold")
         ax.plot(xs, [d["score"] for d in log], color="0.75", lw=0.8)
-        for kept, style in ((True, {"marker": "o", "color": "tab:green", "label": "kept"}),
-                            (False, {"marker": "x", "color": "tab:red",
-                                     "label": "stepped back"})):
-            pts = [(x, d["score"]) for x, d in zip(xs, log) if bool(d["kept"]) is kept]
+        styles = {"kept": ("o", "tab:green"), "stepped back": ("x", "tab:red"),
+                  "stopped early": ("v", "tab:orange")}
+        for outcome, pts in decision_points(log).items():
             if pts:
-                ax.plot(*zip(*pts), ls="none", ms=6, **style)
+                marker, color = styles[outcome]
+                ax.plot(*zip(*pts), ls="none", ms=6, marker=marker, color=color,
+                        label=outcome)
         ax.set_xticks(xs, [d.get("tried", str(x)) for x, d in zip(xs, log)], rotation=60,
                       ha="right", fontsize=7)
         ax.set_xlabel("decision (what was tried)")
-        ax.set_ylabel(f"{metric} after the retrain")
+        stopped = any(d.get("stopped_early") for d in log)
+        ax.set_ylabel(f"{metric} after the retrain" + (" (or its stop)" if stopped else ""))
         ax.legend(fontsize=8, loc="best")
         ax.set_title(f"minimization: {sum(bool(d['kept']) for d in log)} of {len(log)} "
                      "decisions kept", fontsize=9)
