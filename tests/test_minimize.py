@@ -58,7 +58,7 @@ def _scripted(monkeypatch, scores):
         f1 = next(it)
         state.history.append({"step": state.step, "f1": f1, "mae": 0.1, "mse": 0.01,
                               "uiqi": 0.5, "loss": 0.1})
-        return state.history[-1]
+        return {**state.history[-1], "trained": steps, "trajectory": [f1]}
 
     monkeypatch.setattr(loop, "retrain", fake_retrain)
     # the scripted weights do not change, so which masks are dead is not what these tests test
@@ -292,7 +292,7 @@ def test_reset_modes_test_each_mask_once_and_remove_nothing(trained, monkeypatch
             assert bool(state.model.layers[i].weight[k].abs().sum() > 0), "redrawn, not zeroed"
             state.history.append({"step": state.step, "f1": m.reference, "mae": 0.1,
                                   "mse": 0.01, "uiqi": 0.5, "loss": 0.1})
-            return state.history[-1]
+            return {**state.history[-1], "trained": steps, "trajectory": [m.reference]}
 
         monkeypatch.setattr(loop, "retrain", fake)
         minimize(m, *env)

@@ -253,7 +253,7 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         steps = 0 if free else cfg.retrain_steps
         record = retrain(trial, steps, spec, data, judge=cfg.judge, metric=cfg.metric,
                          stop=hopeless(m) if steps and cfg.abort_below else None)
-        score, trained = record[cfg.metric], record.get("trained", steps)
+        score, trained = record[cfg.metric], record["trained"]
         stopped = trained < steps  # --abort-below: a hopeless change, stepped back
         # 5. keep the change or step back to the snapshot
         r, paired = ratio(score, m.reference, cfg.metric), None
@@ -281,7 +281,7 @@ def minimize(m: Minimization, spec: TrainSpec, data: Datasets,
         m.seconds += elapsed
         entry = decision_record(m, cand, record, reference_before, r, kept, elapsed) | {
             "dead": dead, "steps_trained": trained, "paired_reference": paired,
-            "stopped_early": stopped, "trajectory": record.get("trajectory", [score])}
+            "stopped_early": stopped, "trajectory": record["trajectory"]}
         if free:
             entry |= {"phase": "free", "strategy": "free"}
         m.log.append(entry)
