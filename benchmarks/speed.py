@@ -5,11 +5,13 @@ things compared run in alternating chunks (``--chunk-seconds`` each, ``--repeats
 each keeps its best chunk (:func:`best_rate`). Raw rates go to the JSON, never into claims.
 
 * ``train``: ``selfscale.train.train_step`` vs a plain PyTorch port of the thesis's training
-  (:class:`PlainPort`) at 256² and 128² crops, batch 3; the step's GFLOP/s as a share of sgemm's;
+  (:class:`PlainPort`) at 256² and 128² crops, batch 3; with ``--conv direct`` also against the
+  same step on PyTorch's convolutions (``--conv torch``); the step's GFLOP/s as a share of sgemm's;
   both as whole processes (``selfscale train`` vs ``--plain-port-child``: marginal steps/s between
   two step counts); ``torch.compile`` of forward + loss (compile time, steps to pay it back).
-* ``retrain``: ``minimize.loop.retrain`` (active channels only) vs the masked ``train`` loop with
-  k of the 10 prunable masks off, against the MAC reduction (efficiency target ≥ 0.7).
+* ``retrain``: ``minimize.loop.retrain`` (active channels only) with k of the 10 prunable masks
+  off vs the masked ``train`` loop with none off, against the MAC reduction (efficiency target
+  ≥ 0.7); the masked loop with k off is in the JSON (on ``--conv direct`` it skips them too).
 * ``inference``: 5/5/1 vs a compact 3/2/1 in PyTorch and ONNX Runtime (≥ 0.8 × MAC reduction).
 * ``minimize``: a small minimization's wall time (400-step retrains and fine-tune) by training
   steps, evaluation, checkpointing, batch sampling and the rest (target: all but training steps,
@@ -24,6 +26,10 @@ each keeps its best chunk (:func:`best_rate`). Raw rates go to the JSON, never i
     python benchmarks/speed.py --only retrain,minimize --retrain-batch 3 \\
         --min-steps 2000,7000,17500 --out /tmp/speed-b3.json
     python benchmarks/speed.py --device cuda --only train,retrain,inference --out /tmp/gpu.json
+    python benchmarks/speed.py --conv torch --out /tmp/speed-torch.json   # before the kernels
+
+``--conv`` (default auto) picks the CPU convolution for every section, as ``selfscale train
+--conv`` does (:mod:`selfscale.direct`).
 """
 
 from __future__ import annotations
@@ -231,6 +237,7 @@ class Ctx:
     threads: int
     repeats: int
     chunk_seconds: float
+    conv: str = "torch"
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -251,9 +258,12 @@ def load_data(overrides: dict[str, Any] | None = None, device: str = "cpu"):
     return prepare_data(cfg), cfg
 
 
-def selfscale_stepper(data, crop: int, batch: int, device, compiled: bool = False):
+def selfscale_stepper(data, crop: int, batch: int, device, compiled: bool = False,
+                      conv: str | None = None):
     """One selfscale training step per call (thesis init, Adam 1e-3, soft-F1); ``compiled``:
-    train_step's body with forward + loss under torch.compile."""
+    train_step's body with forward + loss under torch.compile; ``conv``: run the step on that
+    convolution (selfscale.direct.use) and switch back after it."""
+    from selfscale import direct
     from selfscale.crops import sample_batch
     from selfscale.metrics import LOSSES
     from selfscale.model import build_model
@@ -273,7 +283,15 @@ def selfscale_stepper(data, crop: int, batch: int, device, compiled: bool = Fals
         loss.backward()
         opt.step()
         float(loss.detach())
-    return step
+
+    def step_on(conv_: str) -> None:
+        before = direct.current()
+        direct.use(conv_)
+        try:
+            step()
+        finally:
+            direct.use(before)
+    return step if conv is None else partial(step_on, conv)
 
 
 def process_fn(cmd_for: Callable[[Path], list[str]], root: Path,
@@ -295,8 +313,11 @@ def section_train(ctx: Ctx) -> tuple[list, dict]:
     s, dev = ctx.sizes, ctx.device
     data, _ = load_data()
     fns: dict[str, Callable] = {}
+    vs_torch = ctx.conv == "direct" and dev.type == "cpu"
     for crop in s.crops:
         fns[f"selfscale {crop}"] = selfscale_stepper(data, crop, s.batch, dev)
+        if vs_torch:
+            fns[f"torch-conv {crop}"] = selfscale_stepper(data, crop, s.batch, dev, conv="torch")
         fns[f"plain {crop}"] = PlainPort(data.train.inputs, data.train.targets, crop, s.batch,
                                          dev).step
     fns["sgemm 1024"] = partial(torch.mm, *torch.rand(2, 1024, 1024, device=dev))
@@ -310,6 +331,9 @@ def section_train(ctx: Ctx) -> tuple[list, dict]:
         rows += [row(f"train {crop}²×{s.batch}: selfscale / plain port steps/s", ours / plain,
                      (">=", 1.0)),
                  row(f"train {crop}²×{s.batch}: step GFLOP/s / sgemm GFLOP/s", share)]
+        if vs_torch:
+            rows.append(row(f"train {crop}²×{s.batch}: --conv direct / --conv torch steps/s",
+                            ours / rates[f"torch-conv {crop}"]["best"], (">=", 1.0)))
     raw["end_to_end"] = e2e = end_to_end(ctx, rates[f"selfscale {s.crops[0]}"]["best"])
     note = f"steps {e2e['steps'][0]}→{e2e['steps'][1]}" + (
         "; not measurable: the longer run was not slower" if e2e["ratio"] is None else "")
@@ -334,7 +358,8 @@ def end_to_end(ctx: Ctx, rate: float) -> dict[str, Any]:
     def ours(n: int, out: Path) -> list[str]:
         return [sys.executable, "-m", "selfscale", "train", "--task", "sobel", "--recipe",
                 "thesis", "--steps", str(n), "--out", str(out), "--threads", t, "--eval-every",
-                str(n), "--seed", "0", "--device", dev, "--crop", crop, "--quiet"]
+                str(n), "--seed", "0", "--device", dev, "--crop", crop, "--conv", ctx.conv,
+                "--quiet"]
 
     def plain(n: int, out: Path) -> list[str]:
         return [sys.executable, str(Path(__file__).resolve()), "--plain-port-child", str(n),
@@ -413,10 +438,12 @@ def section_retrain(ctx: Ctx) -> tuple[list, dict]:
         if retrain is None:
             rows.append(row(f"retrain k={k} ({w})", None, note=missing))
             continue
-        entry["speedup"] = up = rates[f"active k={k}"]["best"] / rates[f"masked k={k}"]["best"]
+        entry["speedup"] = up = rates[f"active k={k}"]["best"] / rates["masked k=0"]["best"]
+        entry["active_over_masked"] = rates[f"active k={k}"]["best"] / \
+            rates[f"masked k={k}"]["best"]
         entry["efficiency"] = up / red
-        rows.append(row(f"retrain k={k} ({w}), {cfg.data.batch} crops/step: speed-up "
-                        f"active/masked {up:.2f} / MAC reduction {red:.2f}", up / red,
+        rows.append(row(f"retrain k={k} ({w}), {cfg.data.batch} crops/step: speed-up over "
+                        f"k=0 {up:.2f} / MAC reduction {red:.2f}", up / red,
                         None if k == 0 else (">=", 0.7)))
     return rows, raw
 
@@ -530,7 +557,7 @@ def section_minimize(ctx: Ctx) -> tuple[list, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig.from_dict({"task": {"name": "sobel"}, "data": ctx.sizes.data, "train": {
             "steps": base, "eval_every": max(base // 4, 1), "seed": 0,
-            "device": ctx.device.type, "threads": ctx.threads}})
+            "device": ctx.device.type, "threads": ctx.threads, "conv": ctx.conv}})
         run = start_run(cfg, Path(tmp) / "base")
         data = prepare_data(run.config)
         train_run(run, data)
@@ -577,13 +604,15 @@ RUNNERS = {"train": section_train, "retrain": section_retrain, "inference": sect
 
 # --- the command ----------------------------------------------------------------------------------
 def machine(device: torch.device) -> dict[str, Any]:
+    from selfscale import direct
+
     cpu = None
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
         cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
                    None)
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(device),
+            "threads": torch.get_num_threads(), "device": str(device), "conv": direct.current(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu}
 
 
@@ -601,6 +630,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--conv", default="auto", choices=("auto", "direct", "torch"),
+                   help="CPU convolution, as selfscale train --conv (default auto: direct when "
+                        "a C++ compiler builds it)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (tests, CI): seconds")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
     p.add_argument("--repeats", type=int, help="alternating rounds (default 3; quick 2)")
@@ -641,6 +673,7 @@ def sections_of(only: str | None, quick: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selfscale import direct
     from selfscale.checkpoint import atomic_write_text
     from selfscale.errors import SelfscaleError
     from selfscale.train import resolve_device
@@ -651,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--threads: must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
+        conv = direct.use(args.conv if device.type == "cpu" else "torch")
         if args.plain_port_child is not None:
             plain_port_child(args.plain_port_child, args.crop, device)
             return 0
@@ -671,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SelfscaleError, ValueError) as exc:
         print(f"speed.py: error: {exc}", file=sys.stderr)
         return 2
-    ctx = Ctx(sizes, device, args.threads, repeats, chunk)
+    ctx = Ctx(sizes, device, args.threads, repeats, chunk, conv)
     report: dict[str, Any] = {"command": [sys.executable, *sys.argv], "machine": machine(device),
                               "settings": {"quick": args.quick, "repeats": repeats,
                                            "chunk_seconds": chunk, "sizes": asdict(sizes)},

@@ -37,6 +37,17 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSCALE_CACHE", str(tmp_path / "selfscale-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_conv():
+    """Each test starts on PyTorch's convolutions; a run it starts, loads or trains switches the
+    process to that run's --conv (selfscale.direct.use), as in a command."""
+    from selfscale import direct
+
+    direct.use("torch")
+    yield
+    direct.use("torch")
+
+
 def gradient(shape=TINY_SHAPE, phase: int = 0) -> np.ndarray:
     """uint8 diagonal ramp with a bright rectangle: edges in both directions."""
     h, w = shape

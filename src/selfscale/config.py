@@ -17,6 +17,8 @@ from selfscale.errors import ConfigError
 
 LOSSES = ("mae", "mse", "f1")
 DEVICES = ("auto", "cpu", "cuda")
+CONVS = ("auto", "direct", "torch")
+"""--conv: the CPU convolution (selfscale.direct.MODES)."""
 INITS = ("he", "trunc-normal")
 SCHEDULES = ("cosine", "constant")
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
@@ -202,6 +204,10 @@ class TrainConfig:
     threads: int = 0
     """--threads: CPU threads for torch; 0 means torch's default. Results are only bit-identical
     at the same thread count."""
+    conv: str = "auto"
+    """--conv: CPU convolution: direct (selfscale's kernels for narrow layers, compiled on first
+    use; about 2x faster), torch (PyTorch's), or auto (direct when a C++ compiler builds it).
+    Fixed when the run starts; the two agree to float rounding."""
     checkpoint_every: int = 0
     """--checkpoint-every: also save the run state every N steps; 0 means at every evaluation."""
     snapshot_every: int = 0
@@ -224,6 +230,7 @@ class TrainConfig:
                f"must be one of {', '.join(DEVICES)}")
         _check(_int(self.threads) and 0 <= self.threads <= 1024, "--threads",
                self.threads, "must be an integer from 0 to 1024")
+        _check(self.conv in CONVS, "--conv", self.conv, f"must be one of {', '.join(CONVS)}")
         _check(_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                "--checkpoint-every", self.checkpoint_every, "must be a non-negative integer")
         _check(_int(self.snapshot_every) and self.snapshot_every >= 0, "--snapshot-every",
@@ -351,7 +358,7 @@ MODES = ("disabled-frozen", "disabled", "others-frozen")
 REFERENCES = ("base", "previous")
 SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
 JUDGES = ("final", "best", "paired")
-CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--mode": MODES, "--reference": REFERENCES,
+CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--conv": CONVS, "--mode": MODES, "--reference": REFERENCES,
            "--metric": SCORE_METRICS, "--init": INITS, "--schedule": SCHEDULES,
            "--recipe": tuple(RECIPES), "--judge": JUDGES}
 """The allowed values of the flags that take one of a few names."""

@@ -56,6 +56,8 @@ class DemoConfig:
     """--device: auto (CUDA when present), cpu or cuda."""
     threads: int = 0
     """--threads: CPU threads for torch; 0 means torch's default."""
+    conv: str = "auto"
+    """--conv: CPU convolution: direct, torch or auto (direct when a C++ compiler builds it)."""
 
     def __post_init__(self) -> None:
         from selfscale.minimize.strategies import make_strategy
@@ -76,7 +78,8 @@ class DemoConfig:
             task=TaskConfig(name=self.task),
             model=ModelConfig(),
             train=TrainConfig(steps=self.steps, eval_every=max(self.steps // 10, 1),
-                              seed=self.seed, device=self.device, threads=self.threads))
+                              seed=self.seed, device=self.device, threads=self.threads,
+                              conv=self.conv))
 
     def minimize_config(self) -> MinimizeConfig:
         return MinimizeConfig(strategy=self.strategy, threshold=self.threshold,

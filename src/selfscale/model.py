@@ -19,10 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from selfscale import direct
 
 TRUNC_STDS = 2.0  # values beyond 2 standard deviations are redrawn (thesis 2.3)
 INITS = ("he", "trunc-normal")
@@ -88,7 +91,7 @@ class MaskedConv2d(nn.Conv2d):
                          dilation=1, bias=True)
         self.register_buffer("enabled", torch.ones(out_channels, dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros(out_channels, dtype=torch.bool))
-        self._switch_cache: dict[str, tuple[Tensor, int, bool]] = {}
+        self._switch_cache: dict[str, tuple[Tensor, int, Any]] = {}
         self.weight.register_hook(self._mask_weight_grad)
         self.bias.register_hook(self._mask_bias_grad)
 
@@ -116,12 +119,25 @@ class MaskedConv2d(nn.Conv2d):
             return grad
         return grad * (~self.frozen).to(grad.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gated(self) -> tuple[Tensor, Tensor]:
+        """Weight and bias with the disabled masks' entries multiplied by 0."""
         if self._all("enabled", True):  # x·1 is exact: the same values, two kernels fewer
-            return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+            return self.weight, self.bias
         gate = self.enabled.to(self.weight.dtype)
-        return F.conv2d(x, self.weight * gate.view(-1, 1, 1, 1), self.bias * gate,
-                        padding=self.padding)
+        return self.weight * gate.view(-1, 1, 1, 1), self.bias * gate
+
+    def active_indices(self) -> Tensor:
+        """The enabled masks' indices (int32, on the CPU), cached until the switch changes."""
+        key = (self.enabled, self.enabled._version)
+        cached = self._switch_cache.get("indices")
+        if cached is None or cached[0] is not key[0] or cached[1] != key[1]:
+            cached = (*key, torch.nonzero(self.enabled.cpu()).flatten().to(torch.int32))
+            self._switch_cache["indices"] = cached
+        return cached[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.gated()
+        return F.conv2d(x, weight, bias, padding=self.padding)
 
 
 class FCN(nn.Module):
@@ -139,6 +155,8 @@ class FCN(nn.Module):
         self.layers = nn.ModuleList(MaskedConv2d(i, o, self.kernel) for i, o in zip(ins, widths))
 
     def forward(self, x: Tensor) -> Tensor:
+        if direct.applicable(self, x):  # the direct kernels (``--conv``), same values
+            return direct.forward(self, x)
         for layer in self.layers:
             x = F.relu(layer(x))
         return x

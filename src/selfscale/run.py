@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from selfscale import __version__
+from selfscale import __version__, direct
 from selfscale.checkpoint import atomic_write_text, load_state, remove_orphan_temps, save_state
 from selfscale.config import RunConfig, TaskConfig, config_diff, merge_sections
 from selfscale.crops import center_crops
@@ -91,6 +91,18 @@ def pin_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def pin_conv(conv: str, path: Path) -> str:
+    """Use the convolution the run started with (runs older than ``--conv``: torch). Without a
+    compiler a direct run goes on with torch's convolutions, with a warning: its results then
+    differ from an uninterrupted run in float rounding."""
+    if conv == "direct" and direct.library() is None:
+        warnings.warn(f"{path}: trained with --conv direct, which cannot be built here "
+                      f"({direct.failure()}); going on with --conv torch, so results differ "
+                      "from an uninterrupted run in float rounding", stacklevel=2)
+        conv = "torch"
+    return direct.use(conv if conv in direct.MODES else "torch")
 
 
 @dataclass
@@ -159,6 +171,7 @@ def read_run_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
 def load_run(path: Path, device: str | torch.device = "cpu") -> Run:
     """Load a run directory; a missing or damaged file → CheckpointError (one line)."""
     config, meta = read_run_config(path)
+    pin_conv(str(meta.get("conv", "torch")), Path(path))
     return Run(Path(path), config, load_train_state(Path(path) / STATE_FILE, device), meta)
 
 
@@ -210,6 +223,7 @@ def start_run(config: RunConfig, out: Path) -> Run:
     threads = pin_threads(config.train.threads)
     config = resolve_config(config)
     device = resolve_device(config.train.device)
+    conv = direct.use(config.train.conv if device.type == "cpu" else "torch")
     m = config.model
     model = build_model(m.widths, m.kernel, m.in_channels, Init(m.init, m.init_std, m.init_bias),
                         config.train.seed)
@@ -219,6 +233,7 @@ def start_run(config: RunConfig, out: Path) -> Run:
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "threads": threads,
+        "conv": conv,
         "device": str(device),
         "parameters": parameter_count(config.model.widths, config.model.kernel,
                                       config.model.in_channels),
@@ -279,6 +294,7 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
     the run started with).
     """
     pin_threads(int(run.meta.get("threads", 0)))
+    pin_conv(str(run.meta.get("conv", "torch")), run.path)
     cfg = run.config
     run.meta["data"] = data_summary(data)
     spec = run.spec()

@@ -31,7 +31,7 @@ from selfscale.errors import ConfigError
 from selfscale.minimize.loop import LoopHooks, Minimization, minimize, start
 from selfscale.minimize.summary import mask_matrix, summary
 from selfscale.run import (CONFIG_FILE, FINAL_FILE, HISTORY_FILE, LOOP_FILE, META_FILE, MIN_DIR,
-                           STATE_FILE, SUMMARY_FILE, Run, check_new_run_dir, pin_threads,
+                           STATE_FILE, SUMMARY_FILE, Run, check_new_run_dir, pin_conv, pin_threads,
                            train_run, with_steps)
 from selfscale.minimize.alter import REMOVING_MODE
 from selfscale.train import TrainHooks, evaluate, is_dead
@@ -78,6 +78,7 @@ def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path 
                               "it or --out DIR to minimize into a new run directory")
     run.path = target
     pin_threads(int(run.meta.get("threads", 0)))
+    pin_conv(str(run.meta.get("conv", "torch")), run.path)
     if resume:
         m = Minimization.from_dict(load_state(mdir / LOOP_FILE), run.device)
     else:

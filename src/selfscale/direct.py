@@ -1,0 +1,256 @@
+"""Direct convolution: the FCN's forward and backward passes on the CPU without oneDNN.
+
+oneDNN (PyTorch's CPU convolution) has a per-layer floor for the few channels these networks
+have: a 1→1 5×5 layer costs nearly as much as a 5→5 one, so narrow networks and retrains hardly
+get faster as masks go (issue 11). ``direct_conv.cpp`` holds plain SIMD kernels whose cost follows
+the channel count. It is compiled on first use with the system's C++ compiler into the cache
+folder (``$SELFSCALE_CACHE`` or ``~/.cache/selfscale``; one file per source, compiler and CPU,
+written atomically) and loaded with :mod:`ctypes`.
+
+The whole stack of layers is one :class:`torch.autograd.Function`: activations stay in zero-
+padded planar buffers from one layer to the next, and the backward pass gives the weights and
+biases their gradients (the input gets none). Disabled masks are skipped: their outputs stay zero
+and their gradients are zero, which equals the masked network exactly.
+
+Which implementation a process uses is set by :func:`use` (``--conv``): ``torch`` (PyTorch's
+convolutions), ``direct``, or ``auto`` (direct when it compiles). A run records the one it
+started with and every later command on the run uses that one, so a resumed run stays
+bit-identical (same machine and thread count). The two implementations agree to float rounding
+(about 1e-6 relative), not bit for bit. Anything the direct path does not cover falls back to
+PyTorch: CUDA tensors, other dtypes, an input that needs a gradient, forward hooks on a layer,
+tracing, ``torch.compile`` and ONNX export, layers wider than :data:`MAX_WIDTH`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from selfscale.errors import ConfigError
+
+if TYPE_CHECKING:
+    from selfscale.model import FCN
+
+MODES = ("auto", "direct", "torch")
+MAX_WIDTH = 16
+"""Widest layer (input or output channels) run by the direct kernels; wider goes to PyTorch."""
+SOURCE = Path(__file__).with_name("direct_conv.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
+
+_mode = "torch"
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+_long, _int, _ptr = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_folder() -> Path:
+    env = os.environ.get("SELFSCALE_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (base if env else base / "selfscale") / "direct"
+
+
+def _compile(cxx: str, folder: Path) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout.splitlines()[0]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS),
+                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    target = folder / f"direct_conv-{key}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".direct_conv-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=False,
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[0])
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None (with :func:`failure` saying why) when
+    there is no compiler or the build fails."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    try:
+        if not cxx:
+            raise RuntimeError("no C++ compiler (set CXX or install g++)")
+        lib = ctypes.CDLL(str(_compile(cxx, _cache_folder())))
+        lib.ss_conv.argtypes = [_ptr, _long, _long, _ptr, _ptr, _ptr, _long, _long, _long, _ptr,
+                                _int, _ptr, _int, _ptr, _int, _int, _int, _int, _int, _int, _int,
+                                _int]
+        lib.ss_wgrad.argtypes = [_ptr, _long, _long, _ptr, _long, _long, _long, _ptr, _ptr, _ptr,
+                                 _int, _ptr, _int, _int, _int, _int, _int, _int, _int, _int]
+        _library = lib
+    except (OSError, RuntimeError, subprocess.SubprocessError, IndexError) as exc:
+        _failure = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    return _library
+
+
+def failure() -> str | None:
+    """Why the kernels could not be built (None when they were, or were not tried)."""
+    return _failure
+
+
+def use(mode: str) -> str:
+    """Make this process use ``mode`` (one of :data:`MODES`) and return what it resolved to,
+    ``direct`` or ``torch``. ``direct`` without a working compiler is a ConfigError."""
+    global _mode
+    if mode not in MODES:
+        raise ConfigError(f"--conv: must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "torch" and library() is None:
+        if mode == "direct":
+            raise ConfigError(f"--conv direct: the direct convolution cannot be built here "
+                              f"({failure()}); use --conv torch")
+        mode = "torch"
+    _mode = "direct" if mode == "auto" else mode
+    return _mode
+
+
+def current() -> str:
+    """The implementation this process uses now: ``direct`` or ``torch``."""
+    return _mode
+
+
+def applicable(model: FCN, x: Tensor) -> bool:
+    """Whether ``model(x)`` runs on the direct kernels (see the module docstring)."""
+    if _mode != "direct" or _library is None:
+        return False
+    w = model.layers[0].weight
+    if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32
+            or w.dtype != torch.float32 or x.dim() != 4 or x.requires_grad
+            or max(model.in_channels, *model.widths) > MAX_WIDTH):
+        return False
+    if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export()):
+        return False
+    return not any(layer._forward_hooks or layer._forward_pre_hooks for layer in model.layers)
+
+
+# --- buffers and kernel calls -------------------------------------------------------------------
+
+def _padded(n: int, c: int, h: int, w: int, k: int) -> Tensor:
+    return torch.zeros(n, c, h + k - 1, (w + 15) // 16 * 16 + k - 1)
+
+
+def _indices(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _conv(src: Tensor, w: Tensor, b: Tensor | None, out: Tensor, out_off: int, ref: Tensor | None,
+          mode: int, outs: Tensor, ins: Tensor, h: int, wd: int) -> None:
+    """out = epilogue(conv(src, w) + b) on the masks ``outs`` from the input channels ``ins``;
+    mode 0 plain, 1 ReLU, 2 zero where ref <= 0 (ReLU's gradient)."""
+    n = src.shape[0]
+    _library.ss_conv(src.data_ptr(), src.shape[2] * src.shape[3], src.shape[3], w.data_ptr(),
+                     b.data_ptr() if b is not None else None, out.data_ptr(),
+                     out.shape[2] * out.shape[3], out.shape[3], out_off,
+                     ref.data_ptr() if ref is not None else None, mode, outs.data_ptr(),
+                     outs.numel(), ins.data_ptr(), ins.numel(), n, w.shape[1], w.shape[0], h, wd,
+                     w.shape[-1], torch.get_num_threads())
+
+
+def _stack_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor],
+                   actives: list[Tensor]) -> list[Tensor]:
+    """Every layer's output: padded buffers for the hidden layers, a dense (N, 1, H, W) tensor
+    for the last; element 0 is the padded input."""
+    n, c, h, wd = x.shape
+    k = weights[0].shape[-1]
+    p = k // 2
+    cur = _padded(n, c, h, wd, k)
+    cur[:, :, p:p + h, p:p + wd] = x
+    outs = [cur]
+    ins = _indices(list(range(c)))
+    for i, (w, b, act) in enumerate(zip(weights, biases, actives)):
+        last = i == len(weights) - 1
+        out = torch.zeros(n, w.shape[0], h, wd) if last else _padded(n, w.shape[0], h, wd, k)
+        off = 0 if last else p * out.shape[3] + p
+        _conv(cur, w, b, out, off, None, 1, act, ins, h, wd)
+        outs.append(out)
+        cur, ins = out, act
+    return outs
+
+
+class _Stack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, actives: list[Tensor], *params: Tensor) -> Tensor:
+        weights = [t.detach().contiguous() for t in params[0::2]]
+        biases = [t.detach().contiguous() for t in params[1::2]]
+        outs = _stack_forward(x, weights, biases, actives)
+        ctx.save_for_backward(*outs, *weights)
+        ctx.actives = actives
+        return outs[-1]
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        layers = len(ctx.actives)
+        outs, weights = saved[:layers + 1], saved[layers + 1:]
+        n, _, h, wd = gy.shape
+        k = weights[0].shape[-1]
+        p = k // 2
+        y = outs[-1]
+        g = _padded(n, y.shape[1], h, wd, k)
+        g[:, :, p:p + h, p:p + wd] = gy.masked_fill(y <= 0, 0.0)  # ReLU's gradient, as torch's
+        grads: list[Tensor | None] = [None] * (2 * layers)
+        for i in range(layers - 1, -1, -1):
+            w, src = weights[i], outs[i]
+            outs_i = ctx.actives[i]
+            ins = ctx.actives[i - 1] if i > 0 else _indices(list(range(w.shape[1])))
+            gw, gb = torch.zeros_like(w), torch.zeros(w.shape[0])
+            off = p * g.shape[3] + p
+            _library.ss_wgrad(src.data_ptr(), src.shape[2] * src.shape[3], src.shape[3],
+                              g.data_ptr(), g.shape[2] * g.shape[3], g.shape[3], off,
+                              gw.data_ptr(), gb.data_ptr(), outs_i.data_ptr(), outs_i.numel(),
+                              ins.data_ptr(), ins.numel(), n, w.shape[1], w.shape[0], h, wd,
+                              k, torch.get_num_threads())
+            grads[2 * i], grads[2 * i + 1] = gw, gb
+            if i > 0:  # the gradient of the previous layer's pre-activation, in its padded layout
+                flipped = w.flip(2, 3).transpose(0, 1).contiguous()
+                prev = _padded(n, w.shape[1], h, wd, k)
+                _conv(g, flipped, None, prev, off, src, 2, ins, outs_i, h, wd)
+                g = prev
+        return (None, None, *grads)
+
+
+def forward(model: FCN, x: Tensor) -> Tensor:
+    """``model(x)`` on the direct kernels (call only when :func:`applicable`)."""
+    weights, biases, actives = [], [], []
+    for layer in model.layers:
+        weight, bias = layer.gated()
+        weights.append(weight)
+        biases.append(bias)
+        actives.append(layer.active_indices())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in weights + biases):
+        params = [t for pair in zip(weights, biases) for t in pair]
+        return _Stack.apply(x, actives, *params)
+    return _stack_forward(x, [w.detach().contiguous() for w in weights],
+                          [b.detach().contiguous() for b in biases], actives)[-1]

@@ -1,0 +1,160 @@
+// Direct 'same' convolutions for networks with few channels per layer (selfscale.direct).
+//
+// oneDNN's convolutions have a per-layer floor for 1-8 channels: a 1->1 5x5 layer costs almost
+// as much as a 5->5 one. These kernels hold one 16-float strip of up to 8 output channels in
+// registers and stream the input taps through it, so their cost follows the channel count.
+//
+// Buffers are planar float32. A *padded* buffer has planes of (H + K - 1) rows of
+// Wp = ceil16(W) + K - 1 floats and is zero outside its interior [p, p + H) x [p, p + W),
+// p = K / 2. Every result is a fixed-order sum: the forward pass gives every output to one
+// thread; the weight gradient splits rows into `threads` contiguous ranges and adds the partial
+// sums in thread order, so one thread count gives one result.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+static inline v16 ld(const float* p) { return *(const v16u*)p; }
+static inline void st(float* p, v16 v) { *(v16u*)p = v; }
+
+struct Geo {                      // where plane c, row r, column x of a buffer lies
+  long plane, row, off;           // floats per plane, per row; offset of (0, 0)
+  inline long at(long c, long r) const { return c * plane + r * row + off; }
+};
+
+// out[co, r, x] = epilogue(b[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] in[ci, r + ky, x + kx])
+// for the rows [r0, r1) of one image; `in` is padded (its geometry with off = 0).
+// mode 0: plain, 1: relu, 2: zero where ref <= 0 (ReLU's gradient), ref laid out like out.
+template <int CO>
+static void fwd_block(const float* in, Geo gi, const float* w, const float* b, float* out,
+                      Geo go, const float* ref, int mode, const int* cos, const int* cis,
+                      int nci, int Cin, int K, int W, int r) {
+  const long wco = (long)Cin * K * K;
+  for (int x0 = 0; x0 < W; x0 += 16) {
+    v16 acc[CO];
+    for (int c = 0; c < CO; c++) acc[c] = (v16){} + (b ? b[cos[c]] : 0.f);
+    for (int i = 0; i < nci; i++) {
+      const int ci = cis[i];
+      const float* base = in + gi.at(ci, r) + x0;
+      const float* wb = w + (long)ci * K * K;
+      for (int ky = 0; ky < K; ky++) {
+        const float* row = base + (long)ky * gi.row;
+        for (int kx = 0; kx < K; kx++) {
+          const v16 v = ld(row + kx);
+          const int t = ky * K + kx;
+          for (int c = 0; c < CO; c++) acc[c] += v * wb[cos[c] * wco + t];
+        }
+      }
+    }
+    const int n = std::min(16, W - x0);
+    for (int c = 0; c < CO; c++) {
+      v16 v = acc[c];
+      const long o = go.at(cos[c], r) + x0;
+      if (mode == 1) { const v16 z = {}; v = v < z ? z : v; }   // NaN passes, as in torch
+      if (mode == 2) { const v16 z = {}; v16 rv; std::memcpy(&rv, ref + o, 4 * n);
+                       if (n < 16) for (int j = n; j < 16; j++) rv[j] = 0.f;
+                       v = rv <= z ? z : v; }
+      if (n == 16) st(out + o, v); else std::memcpy(out + o, &v, 4 * n);
+    }
+  }
+}
+
+typedef void (*fwd_fn)(const float*, Geo, const float*, const float*, float*, Geo, const float*,
+                       int, const int*, const int*, int, int, int, int, int);
+static const fwd_fn FWD[9] = {nullptr, fwd_block<1>, fwd_block<2>, fwd_block<3>, fwd_block<4>,
+                              fwd_block<5>, fwd_block<6>, fwd_block<7>, fwd_block<8>};
+
+extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float* w,
+                        const float* b, float* out, long out_plane, long out_row, long out_off,
+                        const float* ref, int mode, const int* cos, int nco, const int* cis,
+                        int nci, int N, int Cin, int Cout, int H, int W, int K, int threads) {
+  const Geo gi{in_plane, in_row, 0}, go{out_plane, out_row, out_off};
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (long nr = 0; nr < (long)N * H; nr++) {
+    const long n = nr / H; const int r = (int)(nr % H);
+    const float* ni = in + n * Cin * in_plane;
+    float* no = out + n * Cout * out_plane;
+    const float* nref = ref ? ref + n * Cout * out_plane : nullptr;
+    for (int c0 = 0; c0 < nco; c0 += 8) {
+      const int cb = std::min(8, nco - c0);
+      FWD[cb](ni, gi, w, b, no, go, nref, mode, cos + c0, cis, nci, Cin, K, W, r);
+    }
+  }
+}
+
+// gw[co, ci, ky, kx] = sum_{n, r, x} g[n, co, r, x] in[n, ci, r + ky, x + kx];
+// gb[co] = sum g[n, co, r, x]. `g` is padded (interior at off), zero beyond column W up to
+// ceil16(W). Rows are split into `threads` contiguous ranges; partial sums are added in thread
+// order, so a thread count gives one result.
+template <int CB>
+static void wgrad_row(const float* in, Geo gi, const float* g, Geo gg, v16* acc, v16* bacc,
+                      const int* cos, const int* cis, int nci, int K, int Wr, int r) {
+  for (int x0 = 0; x0 < Wr; x0 += 16)
+    for (int c = 0; c < CB; c++) bacc[c] += ld(g + gg.at(cos[c], r) + x0);
+  for (int i = 0; i < nci; i++) {
+    for (int ky = 0; ky < K; ky++) {
+      const float* xrow = in + gi.at(cis[i], r + ky);
+      for (int kx = 0; kx < K; kx++) {
+        v16 a[CB];
+        for (int c = 0; c < CB; c++) a[c] = (v16){};
+        for (int x0 = 0; x0 < Wr; x0 += 16) {
+          const v16 v = ld(xrow + x0 + kx);
+          for (int c = 0; c < CB; c++) a[c] += v * ld(g + gg.at(cos[c], r) + x0);
+        }
+        for (int c = 0; c < CB; c++) acc[((long)c * nci + i) * K * K + ky * K + kx] += a[c];
+      }
+    }
+  }
+}
+
+typedef void (*wg_fn)(const float*, Geo, const float*, Geo, v16*, v16*, const int*, const int*,
+                      int, int, int, int);
+static const wg_fn WG[5] = {nullptr, wgrad_row<1>, wgrad_row<2>, wgrad_row<3>, wgrad_row<4>};
+
+static inline float hsum(v16 v) {   // fixed order
+  float s = 0.f;
+  for (int j = 0; j < 16; j++) s += v[j];
+  return s;
+}
+
+extern "C" void ss_wgrad(const float* in, long in_plane, long in_row, const float* g,
+                         long g_plane, long g_row, long g_off, float* gw, float* gb,
+                         const int* cos, int nco, const int* cis, int nci, int N, int Cin,
+                         int Cout, int H, int W, int K, int threads) {
+  const Geo gi{in_plane, in_row, 0}, gg{g_plane, g_row, g_off};
+  const int Wr = (W + 15) / 16 * 16;
+  const long per = (long)nco * nci * K * K + nco;   // v16 accumulators per thread
+  std::vector<v16> part((size_t)threads * per);
+  const long rows = (long)N * H;
+  #pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    v16* acc = part.data() + (size_t)t * per;
+    for (long j = 0; j < per; j++) acc[j] = (v16){};
+    const long lo = rows * t / nt, hi = rows * (t + 1) / nt;
+    for (long nr = lo; nr < hi; nr++) {
+      const long n = nr / H; const int r = (int)(nr % H);
+      const float* ni = in + n * Cin * in_plane;
+      const float* ng = g + n * Cout * g_plane;
+      for (int c0 = 0; c0 < nco; c0 += 4) {
+        const int cb = std::min(4, nco - c0);
+        WG[cb](ni, gi, ng, gg, acc + (long)c0 * nci * K * K, acc + (long)nco * nci * K * K + c0,
+               cos + c0, cis, nci, K, Wr, r);
+      }
+    }
+  }
+  const long KK = (long)K * K;
+  for (int c = 0; c < nco; c++) {
+    for (int i = 0; i < nci; i++)
+      for (long t = 0; t < KK; t++) {
+        float s = 0.f;
+        for (int th = 0; th < threads; th++) s += hsum(part[(size_t)th * per + ((long)c * nci + i) * KK + t]);
+        gw[((long)cos[c] * Cin + cis[i]) * KK + t] = s;
+      }
+    float s = 0.f;
+    for (int th = 0; th < threads; th++) s += hsum(part[(size_t)th * per + (long)nco * nci * KK + c]);
+    gb[cos[c]] = s;
+  }
+}
