@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from selfscale import direct
 from selfscale.metrics import LOSSES
 from selfscale.model import Init, build_model
 
@@ -154,8 +155,13 @@ def test_quick_run_writes_every_number(tmp_path):
     assert report["machine"]["threads"] == 1 and report["settings"]["quick"] is True
     assert list(report["sections"]) == ["train", "retrain", "inference"]
     train = report["sections"]["train"]
+    conv = report["machine"]["conv"]
+    assert conv == direct.use("auto")  # what this machine resolves auto to
     assert set(train["steps_per_s"]) == {"selfscale 64", "plain 64", "selfscale 32", "plain 32",
-                                         "sgemm 1024"}
+                                         "sgemm 1024"} | ({"torch-conv 64", "torch-conv 32"}
+                                                          if conv == "direct" else set())
+    assert ("train 64²×3: --conv direct / --conv torch steps/s" in done.stdout) == \
+        (conv == "direct")
     for rate in train["steps_per_s"].values():
         assert len(rate["chunks"]) == 2 and rate["best"] == max(rate["chunks"])
     assert set(train["end_to_end"]["seconds_best"]) == {"selfscale 10", "selfscale 40",
@@ -167,6 +173,9 @@ def test_quick_run_writes_every_number(tmp_path):
     assert retrain["k"]["8"]["mac_reduction"] == pytest.approx(875 / 75)
     if "speedup" in retrain["k"]["8"]:  # active-channel training present
         assert {"masked k=8", "active k=8"} <= set(retrain["steps_per_s"])
+        rates = {k: v["best"] for k, v in retrain["steps_per_s"].items()}
+        assert retrain["k"]["8"]["speedup"] == pytest.approx(rates["active k=8"]
+                                                             / rates["masked k=0"])
     inference = report["sections"]["inference"]
     assert {"torch full", "torch compact"} <= set(inference["forwards_per_s"])
     assert inference["widths"] == [3, 2, 1]
