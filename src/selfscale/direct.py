@@ -104,9 +104,11 @@ def library() -> ctypes.CDLL | None:
         if not cxx:
             raise RuntimeError("no C++ compiler (set CXX or install g++)")
         lib = ctypes.CDLL(str(_compile(cxx, _cache_folder())))
-        lib.ss_conv.argtypes = [_ptr, _long, _long, _ptr, _ptr, _ptr, _long, _long, _long, _ptr,
-                                _int, _ptr, _int, _ptr, _int, _int, _int, _int, _int, _int, _int,
-                                _int]
+        lib.ss_conv.argtypes = [_ptr, _long, _long, _ptr, _int, _ptr, _ptr, _long, _long, _long,
+                                _int, _ptr, _int, _ptr, _int, _ptr, _int, _int, _int, _int, _int,
+                                _int, _int, _int]
+        lib.ss_pad_copy.argtypes = [_ptr, _long, _long, _long, _long, _ptr, _ptr, _long, _long,
+                                    _int, _int, _int, _int, _int, _int]
         lib.ss_wgrad.argtypes = [_ptr, _long, _long, _ptr, _long, _long, _long, _ptr, _ptr, _ptr,
                                  _int, _ptr, _int, _int, _int, _int, _int, _int, _int, _int]
         _library = lib
@@ -157,25 +159,50 @@ def applicable(model: FCN, x: Tensor) -> bool:
 
 # --- buffers and kernel calls -------------------------------------------------------------------
 
-def _padded(n: int, c: int, h: int, w: int, k: int) -> Tensor:
-    return torch.zeros(n, c, h + k - 1, (w + 15) // 16 * 16 + k - 1)
+def _padded(n: int, c: int, h: int, w: int, k: int, written: Tensor | None = None) -> Tensor:
+    """A padded buffer for ``c`` planes. The kernels write every element of the planes in
+    ``written`` (None: all), padding included; the others must be zero, so a buffer with
+    planes left out starts zeroed."""
+    shape = (n, c, h + k - 1, (w + 15) // 16 * 16 + k - 1)
+    return torch.empty(shape) if written is None or written.numel() == c else torch.zeros(shape)
+
+
+def _pad_copy(src: Tensor, dst: Tensor, gate: Tensor | None, p: int) -> None:
+    """dst (padded, every element written) = src inside, 0 around it; with ``gate``: 0 also
+    where gate <= 0 (ReLU's gradient)."""
+    n, c, h, w = src.shape
+    _library.ss_pad_copy(src.data_ptr(), *src.stride(),
+                         gate.data_ptr() if gate is not None else None, dst.data_ptr(),
+                         dst.shape[2] * dst.shape[3], dst.shape[3], p, n, c, h, w,
+                         torch.get_num_threads())
 
 
 def _indices(values: list[int]) -> Tensor:
     return torch.tensor(values, dtype=torch.int32)
 
 
-def _conv(src: Tensor, w: Tensor, b: Tensor | None, out: Tensor, out_off: int, ref: Tensor | None,
-          mode: int, outs: Tensor, ins: Tensor, h: int, wd: int) -> None:
+def _conv(src: Tensor, w: Tensor, b: Tensor | None, out: Tensor, pad: int, ref: Tensor | None,
+          mode: int, outs: Tensor, ins: Tensor, h: int, wd: int, transposed: bool = False) -> None:
     """out = epilogue(conv(src, w) + b) on the masks ``outs`` from the input channels ``ins``;
-    mode 0 plain, 1 ReLU, 2 zero where ref <= 0 (ReLU's gradient)."""
-    n = src.shape[0]
+    mode 0 plain, 1 ReLU, 2 zero where ref <= 0 (ReLU's gradient). ``pad``: out is a padded
+    buffer with this border (its padding is written too), 0 for a dense (N, C, H, W) one.
+    ``transposed``: w is a layer's weight, used flipped and transposed (its input gradient)."""
+    cout, cin = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
     _library.ss_conv(src.data_ptr(), src.shape[2] * src.shape[3], src.shape[3], w.data_ptr(),
-                     b.data_ptr() if b is not None else None, out.data_ptr(),
-                     out.shape[2] * out.shape[3], out.shape[3], out_off,
+                     int(transposed), b.data_ptr() if b is not None else None, out.data_ptr(),
+                     out.shape[2] * out.shape[3], out.shape[3], pad * out.shape[3] + pad, pad,
                      ref.data_ptr() if ref is not None else None, mode, outs.data_ptr(),
-                     outs.numel(), ins.data_ptr(), ins.numel(), n, w.shape[1], w.shape[0], h, wd,
+                     outs.numel(), ins.data_ptr(), ins.numel(), src.shape[0], cin, cout, h, wd,
                      w.shape[-1], torch.get_num_threads())
+
+
+_ALL: dict[int, Tensor] = {}
+
+
+def _all_channels(c: int) -> Tensor:
+    if c not in _ALL:
+        _ALL[c] = _indices(list(range(c)))
+    return _ALL[c]
 
 
 def _stack_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor],
@@ -186,14 +213,17 @@ def _stack_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor],
     k = weights[0].shape[-1]
     p = k // 2
     cur = _padded(n, c, h, wd, k)
-    cur[:, :, p:p + h, p:p + wd] = x
+    _pad_copy(x, cur, None, p)
     outs = [cur]
-    ins = _indices(list(range(c)))
+    ins = _all_channels(c)
     for i, (w, b, act) in enumerate(zip(weights, biases, actives)):
         last = i == len(weights) - 1
-        out = torch.zeros(n, w.shape[0], h, wd) if last else _padded(n, w.shape[0], h, wd, k)
-        off = 0 if last else p * out.shape[3] + p
-        _conv(cur, w, b, out, off, None, 1, act, ins, h, wd)
+        if last:
+            dense = (n, w.shape[0], h, wd)
+            out = torch.empty(dense) if act.numel() == w.shape[0] else torch.zeros(dense)
+        else:
+            out = _padded(n, w.shape[0], h, wd, k, act)
+        _conv(cur, w, b, out, 0 if last else p, None, 1, act, ins, h, wd)
         outs.append(out)
         cur, ins = out, act
     return outs
@@ -219,14 +249,14 @@ class _Stack(torch.autograd.Function):
         p = k // 2
         y = outs[-1]
         g = _padded(n, y.shape[1], h, wd, k)
-        g[:, :, p:p + h, p:p + wd] = gy.masked_fill(y <= 0, 0.0)  # ReLU's gradient, as torch's
+        _pad_copy(gy, g, y, p)
+        off = p * g.shape[3] + p
         grads: list[Tensor | None] = [None] * (2 * layers)
         for i in range(layers - 1, -1, -1):
             w, src = weights[i], outs[i]
             outs_i = ctx.actives[i]
-            ins = ctx.actives[i - 1] if i > 0 else _indices(list(range(w.shape[1])))
+            ins = ctx.actives[i - 1] if i > 0 else _all_channels(w.shape[1])
             gw, gb = torch.zeros_like(w), torch.zeros(w.shape[0])
-            off = p * g.shape[3] + p
             _library.ss_wgrad(src.data_ptr(), src.shape[2] * src.shape[3], src.shape[3],
                               g.data_ptr(), g.shape[2] * g.shape[3], g.shape[3], off,
                               gw.data_ptr(), gb.data_ptr(), outs_i.data_ptr(), outs_i.numel(),
@@ -234,9 +264,8 @@ class _Stack(torch.autograd.Function):
                               k, torch.get_num_threads())
             grads[2 * i], grads[2 * i + 1] = gw, gb
             if i > 0:  # the gradient of the previous layer's pre-activation, in its padded layout
-                flipped = w.flip(2, 3).transpose(0, 1).contiguous()
-                prev = _padded(n, w.shape[1], h, wd, k)
-                _conv(g, flipped, None, prev, off, src, 2, ins, outs_i, h, wd)
+                prev = _padded(n, w.shape[1], h, wd, k, ins)
+                _conv(g, w, None, prev, p, src, 2, ins, outs_i, h, wd, transposed=True)
                 g = prev
         return (None, None, *grads)
 

@@ -25,33 +25,39 @@ struct Geo {                      // where plane c, row r, column x of a buffer 
 };
 
 // out[co, r, x] = epilogue(b[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] in[ci, r + ky, x + kx])
-// for the rows [r0, r1) of one image; `in` is padded (its geometry with off = 0).
+// for XB strips of 16 columns from x0 of row r of one image; `in` is padded (off = 0).
 // mode 0: plain, 1: relu, 2: zero where ref <= 0 (ReLU's gradient), ref laid out like out.
-template <int CO>
-static void fwd_block(const float* in, Geo gi, const float* w, const float* b, float* out,
-                      Geo go, const float* ref, int mode, const int* cos, const int* cis,
-                      int nci, int Cin, int K, int W, int r) {
+// CO x XB independent accumulators hide the FMA latency when CO is small.
+template <int CO, int XB>
+static inline void fwd_strips(const float* in, Geo gi, const float* w, const float* b,
+                              float* out, Geo go, const float* ref, int mode, const int* cos,
+                              const int* cis, int nci, int Cin, int K, int W, int r, int x0) {
   const long wco = (long)Cin * K * K;
-  for (int x0 = 0; x0 < W; x0 += 16) {
-    v16 acc[CO];
-    for (int c = 0; c < CO; c++) acc[c] = (v16){} + (b ? b[cos[c]] : 0.f);
-    for (int i = 0; i < nci; i++) {
-      const int ci = cis[i];
-      const float* base = in + gi.at(ci, r) + x0;
-      const float* wb = w + (long)ci * K * K;
-      for (int ky = 0; ky < K; ky++) {
-        const float* row = base + (long)ky * gi.row;
-        for (int kx = 0; kx < K; kx++) {
-          const v16 v = ld(row + kx);
-          const int t = ky * K + kx;
-          for (int c = 0; c < CO; c++) acc[c] += v * wb[cos[c] * wco + t];
+  v16 acc[XB][CO];
+  for (int c = 0; c < CO; c++) {
+    const float bias = b ? b[cos[c]] : 0.f;
+    for (int s = 0; s < XB; s++) acc[s][c] = (v16){} + bias;
+  }
+  for (int i = 0; i < nci; i++) {
+    const int ci = cis[i];
+    const float* base = in + gi.at(ci, r) + x0;
+    const float* wb = w + (long)ci * K * K;
+    for (int ky = 0; ky < K; ky++) {
+      const float* row = base + (long)ky * gi.row;
+      for (int kx = 0; kx < K; kx++) {
+        const int t = ky * K + kx;
+        for (int s = 0; s < XB; s++) {
+          const v16 v = ld(row + kx + 16 * s);
+          for (int c = 0; c < CO; c++) acc[s][c] += v * wb[cos[c] * wco + t];
         }
       }
     }
-    const int n = std::min(16, W - x0);
+  }
+  for (int s = 0; s < XB; s++) {
+    const int xs = x0 + 16 * s, n = std::min(16, W - xs);
     for (int c = 0; c < CO; c++) {
-      v16 v = acc[c];
-      const long o = go.at(cos[c], r) + x0;
+      v16 v = acc[s][c];
+      const long o = go.at(cos[c], r) + xs;
       if (mode == 1) { const v16 z = {}; v = v < z ? z : v; }   // NaN passes, as in torch
       if (mode == 2) { const v16 z = {}; v16 rv; std::memcpy(&rv, ref + o, 4 * n);
                        if (n < 16) for (int j = n; j < 16; j++) rv[j] = 0.f;
@@ -61,16 +67,58 @@ static void fwd_block(const float* in, Geo gi, const float* w, const float* b, f
   }
 }
 
+template <int CO>
+static void fwd_row(const float* in, Geo gi, const float* w, const float* b, float* out,
+                    Geo go, const float* ref, int mode, const int* cos, const int* cis, int nci,
+                    int Cin, int K, int W, int r) {
+  constexpr int XB = CO <= 2 ? 4 : 2;
+  int x0 = 0;
+  for (; x0 + 16 * (XB - 1) < W; x0 += 16 * XB)
+    fwd_strips<CO, XB>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r, x0);
+  for (; x0 < W; x0 += 16)
+    fwd_strips<CO, 1>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r, x0);
+}
+
 typedef void (*fwd_fn)(const float*, Geo, const float*, const float*, float*, Geo, const float*,
                        int, const int*, const int*, int, int, int, int, int);
-static const fwd_fn FWD[9] = {nullptr, fwd_block<1>, fwd_block<2>, fwd_block<3>, fwd_block<4>,
-                              fwd_block<5>, fwd_block<6>, fwd_block<7>, fwd_block<8>};
+static const fwd_fn FWD[9] = {nullptr, fwd_row<1>, fwd_row<2>, fwd_row<3>, fwd_row<4>,
+                              fwd_row<5>, fwd_row<6>, fwd_row<7>, fwd_row<8>};
 
+// `transposed`: w is (Cin, Cout, K, K), a layer whose outputs are this convolution's inputs, and
+// the convolution uses it flipped: w'[co, ci, t] = w[ci, co, K*K-1-t] (the input gradient).
+// Zero the padding of row r of the planes `cos` of one image of a padded buffer (border p):
+// its left and right margins, and above the first row and below the last one.
+static void zero_border(float* img, long plane, long row, int p, int H, int W, const int* cos,
+                        int nco, int r) {
+  for (int c = 0; c < nco; c++) {
+    float* pl = img + (long)cos[c] * plane;
+    float* line = pl + (long)(p + r) * row;
+    std::memset(line, 0, sizeof(float) * p);
+    std::memset(line + p + W, 0, sizeof(float) * (row - p - W));
+    if (r == 0) std::memset(pl, 0, sizeof(float) * p * row);
+    if (r == H - 1)
+      std::memset(pl + (long)(p + H) * row, 0, sizeof(float) * (plane - (p + H) * row));
+  }
+}
+
+// `pad` > 0: `out` is a padded buffer with border `pad`, whose padding is zeroed here too
+// (the planes not in `cos` are left alone).
 extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float* w,
-                        const float* b, float* out, long out_plane, long out_row, long out_off,
-                        const float* ref, int mode, const int* cos, int nco, const int* cis,
-                        int nci, int N, int Cin, int Cout, int H, int W, int K, int threads) {
+                        int transposed, const float* b, float* out, long out_plane, long out_row,
+                        long out_off, int pad, const float* ref, int mode, const int* cos,
+                        int nco, const int* cis, int nci, int N, int Cin, int Cout, int H, int W,
+                        int K, int threads) {
   const Geo gi{in_plane, in_row, 0}, go{out_plane, out_row, out_off};
+  std::vector<float> flipped;
+  if (transposed) {
+    const long KK = (long)K * K;
+    flipped.resize((size_t)Cout * Cin * KK);
+    for (long co = 0; co < Cout; co++)
+      for (long ci = 0; ci < Cin; ci++)
+        for (long t = 0; t < KK; t++)
+          flipped[(co * Cin + ci) * KK + t] = w[(ci * Cout + co) * KK + KK - 1 - t];
+    w = flipped.data();
+  }
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (long nr = 0; nr < (long)N * H; nr++) {
     const long n = nr / H; const int r = (int)(nr % H);
@@ -81,6 +129,7 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
       const int cb = std::min(8, nco - c0);
       FWD[cb](ni, gi, w, b, no, go, nref, mode, cos + c0, cis, nci, Cin, K, W, r);
     }
+    if (pad > 0) zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r);
   }
 }
 
@@ -109,9 +158,44 @@ static void wgrad_row(const float* in, Geo gi, const float* g, Geo gg, v16* acc,
   }
 }
 
+// The same for a kernel size known at compile time: the K x CB accumulators of one (ci, ky)
+// stay in registers over the whole row, each strip of g loaded once for all K shifts.
+template <int K, int CB>
+static void wgrad_row_k(const float* in, Geo gi, const float* g, Geo gg, v16* acc, v16* bacc,
+                        const int* cos, const int* cis, int nci, int, int Wr, int r) {
+  const float* gr[CB];
+  for (int c = 0; c < CB; c++) gr[c] = g + gg.at(cos[c], r);
+  for (int x0 = 0; x0 < Wr; x0 += 16)
+    for (int c = 0; c < CB; c++) bacc[c] += ld(gr[c] + x0);
+  for (int i = 0; i < nci; i++) {
+    for (int ky = 0; ky < K; ky++) {
+      const float* xrow = in + gi.at(cis[i], r + ky);
+      v16 a[K][CB];
+      for (int kx = 0; kx < K; kx++)
+        for (int c = 0; c < CB; c++) a[kx][c] = (v16){};
+      for (int x0 = 0; x0 < Wr; x0 += 16) {
+        v16 gv[CB];
+        for (int c = 0; c < CB; c++) gv[c] = ld(gr[c] + x0);
+        for (int kx = 0; kx < K; kx++) {
+          const v16 v = ld(xrow + x0 + kx);
+          for (int c = 0; c < CB; c++) a[kx][c] += v * gv[c];
+        }
+      }
+      for (int c = 0; c < CB; c++)
+        for (int kx = 0; kx < K; kx++)
+          acc[((long)c * nci + i) * K * K + ky * K + kx] += a[kx][c];
+    }
+  }
+}
+
 typedef void (*wg_fn)(const float*, Geo, const float*, Geo, v16*, v16*, const int*, const int*,
                       int, int, int, int);
 static const wg_fn WG[5] = {nullptr, wgrad_row<1>, wgrad_row<2>, wgrad_row<3>, wgrad_row<4>};
+static const wg_fn WG3[5] = {nullptr, wgrad_row_k<3, 1>, wgrad_row_k<3, 2>, wgrad_row_k<3, 3>,
+                             wgrad_row_k<3, 4>};
+static const wg_fn WG5[5] = {nullptr, wgrad_row_k<5, 1>, wgrad_row_k<5, 2>, wgrad_row_k<5, 3>,
+                             wgrad_row_k<5, 4>};
+static const wg_fn WG7[4] = {nullptr, wgrad_row_k<7, 1>, wgrad_row_k<7, 2>, wgrad_row_k<7, 3>};
 
 static inline float hsum(v16 v) {   // fixed order
   float s = 0.f;
@@ -138,10 +222,12 @@ extern "C" void ss_wgrad(const float* in, long in_plane, long in_row, const floa
       const long n = nr / H; const int r = (int)(nr % H);
       const float* ni = in + n * Cin * in_plane;
       const float* ng = g + n * Cout * g_plane;
-      for (int c0 = 0; c0 < nco; c0 += 4) {
-        const int cb = std::min(4, nco - c0);
-        WG[cb](ni, gi, ng, gg, acc + (long)c0 * nci * K * K, acc + (long)nco * nci * K * K + c0,
-               cos + c0, cis, nci, K, Wr, r);
+      const int block = K == 7 ? 3 : 4;
+      const wg_fn* table = K == 3 ? WG3 : K == 5 ? WG5 : K == 7 ? WG7 : WG;
+      for (int c0 = 0; c0 < nco; c0 += block) {
+        const int cb = std::min(block, nco - c0);
+        table[cb](ni, gi, ng, gg, acc + (long)c0 * nci * K * K,
+                  acc + (long)nco * nci * K * K + c0, cos + c0, cis, nci, K, Wr, r);
       }
     }
   }
@@ -156,5 +242,30 @@ extern "C" void ss_wgrad(const float* in, long in_plane, long in_row, const floa
     float s = 0.f;
     for (int th = 0; th < threads; th++) s += hsum(part[(size_t)th * per + (long)nco * nci * KK + c]);
     gb[cos[c]] = s;
+  }
+}
+
+// dst[n, c] (a padded buffer, border p, every element written) = src in the interior, 0 in the
+// padding; with `gate`: 0 where gate <= 0 instead (ReLU's gradient; NaN passes as in torch).
+// src has any strides (an expanded gradient has stride 0); gate is dense (N, C, H, W).
+extern "C" void ss_pad_copy(const float* src, long sn, long sc, long sh, long sw,
+                            const float* gate, float* dst, long plane, long row, int p, int N,
+                            int C, int H, int W, int threads) {
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (long ncr = 0; ncr < (long)N * C * H; ncr++) {
+    const long r = ncr % H, nc = ncr / H, c = nc % C, n = nc / C;
+    const float* in = src + n * sn + c * sc + r * sh;
+    float* pl = dst + nc * plane;
+    float* out = pl + (p + r) * row;
+    std::memset(out, 0, sizeof(float) * p);
+    if (gate) {
+      const float* gt = gate + ncr * W;
+      for (int x = 0; x < W; x++) out[p + x] = gt[x] <= 0.f ? 0.f : in[x * sw];
+    } else {
+      for (int x = 0; x < W; x++) out[p + x] = in[x * sw];
+    }
+    std::memset(out + p + W, 0, sizeof(float) * (row - p - W));
+    if (r == 0) std::memset(pl, 0, sizeof(float) * p * row);
+    if (r == H - 1) std::memset(pl + (p + H) * row, 0, sizeof(float) * (plane - (p + H) * row));
   }
 }

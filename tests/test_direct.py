@@ -1,0 +1,208 @@
+"""The direct convolution (--conv direct) against PyTorch's, and how a run chooses and keeps it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfscale import direct
+from selfscale.cli import main
+from selfscale.errors import ConfigError
+from selfscale.model import FCN
+
+needs_kernels = pytest.mark.skipif(direct.library() is None,
+                                   reason=f"direct kernels not built: {direct.failure()}")
+
+
+def _net(widths, kernel=5, in_channels=1, off=(), seed=0) -> FCN:
+    torch.manual_seed(seed)
+    model = FCN(widths, kernel, in_channels)
+    for layer in model.layers:  # positive biases: most ReLUs pass, so every path is exercised
+        torch.nn.init.uniform_(layer.bias, 0.0, 0.2)
+    for layer, mask in off:
+        model.set_enabled(layer, mask, False)
+    return model
+
+
+def _pass(model: FCN, x: torch.Tensor, target: torch.Tensor, conv: str):
+    """Output and every parameter's gradient of an MSE loss, on ``conv``'s convolution."""
+    direct.use(conv)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    ((out - target) ** 2).mean().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-5) -> bool:
+    return bool((a - b).abs().max() <= rel * max(float(b.abs().max()), 1e-12))
+
+
+CASES = {
+    "thesis 5/5/1": {"widths": (5, 5, 1), "shape": (3, 1, 40, 37)},
+    "masks off in two layers": {"widths": (5, 5, 1), "off": ((0, 1), (0, 4), (1, 3)),
+                                "shape": (2, 1, 21, 70)},
+    "strips in groups and alone": {"widths": (1, 5, 1), "shape": (1, 1, 6, 49)},
+    "two strip groups and one more": {"widths": (5, 1), "shape": (2, 1, 7, 80)},
+    "k=3, four layers, 9 wide": {"widths": (3, 7, 9, 1), "kernel": 3, "shape": (2, 1, 17, 33)},
+    "k=7, RGB input": {"widths": (4, 1), "kernel": 7, "in_channels": 3, "shape": (1, 3, 19, 16)},
+    "narrower than one strip": {"widths": (2, 2, 1), "shape": (2, 1, 9, 5)},
+    "a whole layer off": {"widths": (3, 2, 1), "off": ((1, 0), (1, 1)), "shape": (1, 1, 12, 20)},
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_output_and_gradients_equal_torch_convolutions(case):
+    model = _net(case["widths"], case.get("kernel", 5), case.get("in_channels", 1),
+                 case.get("off", ()))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(case["shape"], generator=gen)
+    target = torch.rand(x.shape[0], 1, *x.shape[2:], generator=gen)
+    ref_out, ref_grads = _pass(model, x, target, "torch")
+    out, grads = _pass(model, x, target, "direct")
+    assert out.shape == ref_out.shape and _close(out, ref_out)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert _close(g, ref)
+    with torch.inference_mode():
+        assert _close(model(x), ref_out)
+
+
+@needs_kernels
+def test_an_expanded_output_gradient_is_read_through_its_strides():
+    model = _net((3, 2, 1))
+    x = torch.rand(2, 1, 19, 23)
+    grads = {}
+    for conv in ("torch", "direct"):
+        direct.use(conv)
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()  # the output's gradient is one value expanded (stride 0)
+        grads[conv] = [p.grad.clone() for p in model.parameters()]
+    assert all(_close(a, b) for a, b in zip(grads["direct"], grads["torch"], strict=True))
+
+
+@needs_kernels
+def test_disabled_masks_get_zero_gradient_and_their_weights_change_nothing():
+    model = _net((5, 5, 1), off=((0, 2), (1, 0)))
+    x, target = torch.rand(2, 1, 24, 30), torch.rand(2, 1, 24, 30)
+    out, grads = _pass(model, x, target, "direct")
+    weight0, bias0, weight1, bias1 = grads[:4]
+    assert not weight0[2].any() and bias0[2] == 0 and not weight1[0].any() and bias1[0] == 0
+    assert weight1[:, 2].abs().sum() == 0  # reads the disabled layer-0 mask: always zero input
+    with torch.no_grad():
+        model.layers[0].weight[2] = 1e6
+        model.layers[1].weight[0] = -1e6
+    assert torch.equal(model(x).detach(), out)
+
+
+@needs_kernels
+def test_same_threads_give_bit_identical_results():
+    model = _net((5, 5, 1))
+    x, target = torch.rand(4, 1, 33, 47), torch.rand(4, 1, 33, 47)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            first, again = _pass(model, x, target, "direct"), _pass(model, x, target, "direct")
+            assert torch.equal(first[0], again[0])
+            assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_nan_passes_through_relu_as_in_torch():
+    model = _net((2, 1))
+    with torch.no_grad():
+        model.layers[0].weight[0, 0, 2, 2] = float("nan")
+    direct.use("direct")
+    out = model(torch.rand(1, 1, 8, 8))
+    assert torch.isnan(out).all()
+
+
+@needs_kernels
+def test_torch_runs_what_the_kernels_do_not_cover():
+    model = _net((5, 5, 1))
+    x = torch.rand(1, 1, 16, 16)
+    direct.use("direct")
+    assert direct.applicable(model, x)
+    assert not direct.applicable(model, x.double())
+    assert not direct.applicable(model, x.clone().requires_grad_(True))  # input gradients
+    assert not direct.applicable(_net((direct.MAX_WIDTH + 1, 1)), x)
+    handle = model.layers[1].register_forward_hook(lambda *a: None)  # e.g. taylor's scores
+    assert not direct.applicable(model, x)
+    handle.remove()
+    assert direct.applicable(model, x)
+    assert type(model(x).grad_fn).__name__ == "_StackBackward"
+    direct.use("torch")
+    assert not direct.applicable(model, x)
+
+
+def test_an_unknown_conv_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^--conv: must be one of auto, direct, torch, got 'x'"):
+        direct.use("x")
+
+
+def test_without_a_compiler_auto_falls_back_and_direct_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(direct, "_library", None)
+    monkeypatch.setattr(direct, "_failure", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert direct.use("auto") == "torch"
+    assert "no-such-c++" in direct.failure()
+    with pytest.raises(ConfigError) as err:
+        direct.use("direct")
+    assert str(err.value).startswith("--conv direct: the direct convolution cannot be built here")
+    assert "\n" not in str(err.value) and str(err.value).endswith("use --conv torch")
+
+
+@needs_kernels
+def test_the_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
+    import shutil
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    first = direct._compile(cxx, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert direct._compile(cxx, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+@needs_kernels
+def test_a_run_records_its_conv_and_later_commands_use_it(image_folder, tmp_path):
+    from selfscale.run import META_FILE, load_run
+
+    def train(name: str, *conv: str) -> None:
+        assert main(["train", "--data", str(image_folder), "--steps", "2", "--crop", "16",
+                     "--train-crop", "16", "--batch", "2", "--quiet", "--out",
+                     str(tmp_path / name), *conv]) == 0
+
+    train("a")  # --conv auto
+    assert json.loads((tmp_path / "a" / META_FILE).read_text())["conv"] == "direct"
+    assert direct.current() == "direct"
+    train("b", "--conv", "torch")
+    assert json.loads((tmp_path / "b" / META_FILE).read_text())["conv"] == "torch"
+    assert direct.current() == "torch"
+    load_run(tmp_path / "a")
+    assert direct.current() == "direct"
+    # a run from before --conv existed trained on torch's convolutions and goes on with them
+    meta = json.loads((tmp_path / "a" / META_FILE).read_text())
+    del meta["conv"]
+    (tmp_path / "a" / META_FILE).write_text(json.dumps(meta))
+    load_run(tmp_path / "a")
+    assert direct.current() == "torch"
+
+
+@needs_kernels
+def test_a_deep_copy_keeps_working():
+    model = _net((5, 5, 1), off=((0, 0),))
+    x = torch.rand(1, 1, 20, 20)
+    direct.use("direct")
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x), model(x))
+    ref = x
+    direct.use("torch")
+    for layer in model.layers:
+        ref = F.relu(layer(ref))
+    assert _close(twin(x).detach(), ref.detach())
