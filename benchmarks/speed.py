@@ -263,7 +263,6 @@ def selfscale_stepper(data, crop: int, batch: int, device, compiled: bool = Fals
     """One selfscale training step per call (thesis init, Adam 1e-3, soft-F1); ``compiled``:
     train_step's body with forward + loss under torch.compile; ``conv``: run the step on that
     convolution (selfscale.direct.use) and switch back after it."""
-    from selfscale import direct
     from selfscale.crops import sample_batch
     from selfscale.metrics import LOSSES
     from selfscale.model import build_model
@@ -283,15 +282,7 @@ def selfscale_stepper(data, crop: int, batch: int, device, compiled: bool = Fals
         loss.backward()
         opt.step()
         float(loss.detach())
-
-    def step_on(conv_: str) -> None:
-        before = direct.current()
-        direct.use(conv_)
-        try:
-            step()
-        finally:
-            direct.use(before)
-    return step if conv is None else partial(step_on, conv)
+    return step if conv is None else partial(on_conv, conv, step)
 
 
 def process_fn(cmd_for: Callable[[Path], list[str]], root: Path,
@@ -418,7 +409,17 @@ def section_retrain(ctx: Ctx) -> tuple[list, dict]:
         return n
 
     fns: dict[str, Callable] = {}
+    crops = torch.rand(cfg.data.batch, 1, cfg.data.train_crop, cfg.data.train_crop,
+                       device=ctx.device).contiguous(memory_format=torch.channels_last)
+
+    def convs(model) -> None:  # forward and backward alone: no batch, loss or update
+        model.zero_grad(set_to_none=True)
+        model(crops).sum().backward()
+
     for k in RETRAIN_KS:
+        widths = widths_without(disabled_masks(k))
+        fns[f"convs k={k}"] = partial(convs, build_model(widths, KERNEL, 1, spec.init, 0).to(
+            device=ctx.device, memory_format=torch.channels_last))
         base = new_state(build_model(WIDTHS, KERNEL, 1, spec.init, 0), spec.lr, 0, ctx.device)
         for layer, mask in disabled_masks(k):  # as the minimizer does: disabled and frozen
             base.model.set_enabled(layer, mask, False)
@@ -442,9 +443,12 @@ def section_retrain(ctx: Ctx) -> tuple[list, dict]:
         entry["active_over_masked"] = rates[f"active k={k}"]["best"] / \
             rates[f"masked k={k}"]["best"]
         entry["efficiency"] = up / red
+        entry["convs_speedup"] = convs = rates[f"convs k={k}"]["best"] / \
+            rates["convs k=0"]["best"]
         rows.append(row(f"retrain k={k} ({w}), {cfg.data.batch} crops/step: speed-up over "
                         f"k=0 {up:.2f} / MAC reduction {red:.2f}", up / red,
-                        None if k == 0 else (">=", 0.7)))
+                        None if k == 0 else (">=", 0.7),
+                        f"forward + backward alone: {convs:.2f}, {convs / red:.2f} of the MACs"))
     return rows, raw
 
 
@@ -466,6 +470,10 @@ def section_inference(ctx: Ctx) -> tuple[list, dict]:
         with torch.inference_mode():
             m(x)
     fns = {"torch full": partial(forward, full), "torch compact": partial(forward, small)}
+    vs_torch = ctx.conv == "direct" and ctx.device.type == "cpu"
+    if vs_torch:  # the same forwards on PyTorch's convolutions
+        fns["torch-conv full"] = partial(on_conv, "torch", forward, full)
+        fns["torch-conv compact"] = partial(on_conv, "torch", forward, small)
     onnx_skip = onnx_fns(ctx, full, masked, x, fns)
     rates = ctx.rates(fns)
     raw: dict[str, Any] = {"images": n, "side": side, "widths": list(small.widths),
@@ -481,7 +489,26 @@ def section_inference(ctx: Ctx) -> tuple[list, dict]:
         cpu = " (CPU)" if rt == "onnxruntime" and ctx.device.type == "cuda" else ""
         rows.append(row(f"{what}{cpu} {up:.2f} / MAC reduction {red:.2f}", up / red,
                         (">=", 0.8)))
+    if vs_torch:
+        for net in ("full", "compact"):
+            raw[f"direct_over_torch_{net}"] = r = rates[f"torch {net}"]["best"] / \
+                rates[f"torch-conv {net}"]["best"]
+            rows.append(row(f"inference {n}×{side}² {net}: --conv direct / --conv torch", r,
+                            (">=", 1.0)))
     return rows, raw
+
+
+def on_conv(conv: str, fn: Callable, *args) -> None:
+    """``fn(*args)`` on convolution ``conv`` (selfscale.direct.use), then back to the process's
+    choice."""
+    from selfscale import direct
+
+    before = direct.current()
+    direct.use(conv)
+    try:
+        fn(*args)
+    finally:
+        direct.use(before)
 
 
 def onnx_fns(ctx: Ctx, full, masked, x, fns: dict) -> str | None:
