@@ -170,7 +170,7 @@ def test_the_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
 
 
 @needs_kernels
-def test_a_run_records_its_conv_and_later_commands_use_it(image_folder, tmp_path):
+def test_a_run_records_its_conv_and_later_commands_use_it(image_folder, tmp_path, capsys):
     from selfscale.run import META_FILE, load_run
 
     def train(name: str, *conv: str) -> None:
@@ -186,6 +186,9 @@ def test_a_run_records_its_conv_and_later_commands_use_it(image_folder, tmp_path
     assert direct.current() == "torch"
     load_run(tmp_path / "a")
     assert direct.current() == "direct"
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "a")]) == 0
+    assert ", threads " in capsys.readouterr().out.split("conv direct")[0]
     # a run from before --conv existed trained on torch's convolutions and goes on with them
     meta = json.loads((tmp_path / "a" / META_FILE).read_text())
     del meta["conv"]

@@ -409,6 +409,7 @@ def run_info(run: Run, model: FCN | None = None) -> dict[str, Any]:
         "best_eval": best_record(run.state.history),
         "config": run.config.to_dict(),
         "threads": run.meta.get("threads"),
+        "conv": run.meta.get("conv", "torch"),
         "created": run.meta.get("created"),
         "data": run.meta.get("data"),
     }
