@@ -51,6 +51,10 @@ CASES = {
     "k=7, RGB input": {"widths": (4, 1), "kernel": 7, "in_channels": 3, "shape": (1, 3, 19, 16)},
     "narrower than one strip": {"widths": (2, 2, 1), "shape": (2, 1, 9, 5)},
     "a whole layer off": {"widths": (3, 2, 1), "off": ((1, 0), (1, 1)), "shape": (1, 1, 12, 20)},
+    "k=1": {"widths": (4, 1), "kernel": 1, "shape": (2, 1, 9, 18)},
+    "k=9, generic kernel size": {"widths": (3, 2, 1), "kernel": 9, "shape": (1, 1, 13, 21)},
+    "16 wide, masks in blocks": {"widths": (16, 16, 1), "kernel": 3, "off": ((1, 9),),
+                                 "shape": (1, 1, 10, 34)},
 }
 
 

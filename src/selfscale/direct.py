@@ -181,16 +181,18 @@ def _indices(values: list[int]) -> Tensor:
     return torch.tensor(values, dtype=torch.int32)
 
 
-def _conv(src: Tensor, w: Tensor, b: Tensor | None, out: Tensor, pad: int, ref: Tensor | None,
-          mode: int, outs: Tensor, ins: Tensor, h: int, wd: int, transposed: bool = False) -> None:
+def _conv(src: Tensor, w: Tensor, b: Tensor | None, out: Tensor, pad: int | None,
+          ref: Tensor | None, mode: int, outs: Tensor, ins: Tensor, h: int, wd: int,
+          transposed: bool = False) -> None:
     """out = epilogue(conv(src, w) + b) on the masks ``outs`` from the input channels ``ins``;
     mode 0 plain, 1 ReLU, 2 zero where ref <= 0 (ReLU's gradient). ``pad``: out is a padded
-    buffer with this border (its padding is written too), 0 for a dense (N, C, H, W) one.
+    buffer with this border (its padding is written too), None: a dense (N, C, H, W) one.
     ``transposed``: w is a layer's weight, used flipped and transposed (its input gradient)."""
     cout, cin = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
     _library.ss_conv(src.data_ptr(), src.shape[2] * src.shape[3], src.shape[3], w.data_ptr(),
                      int(transposed), b.data_ptr() if b is not None else None, out.data_ptr(),
-                     out.shape[2] * out.shape[3], out.shape[3], pad * out.shape[3] + pad, pad,
+                     out.shape[2] * out.shape[3], out.shape[3],
+                     0 if pad is None else pad * out.shape[3] + pad, -1 if pad is None else pad,
                      ref.data_ptr() if ref is not None else None, mode, outs.data_ptr(),
                      outs.numel(), ins.data_ptr(), ins.numel(), src.shape[0], cin, cout, h, wd,
                      w.shape[-1], torch.get_num_threads())
@@ -223,7 +225,7 @@ def _stack_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor],
             out = torch.empty(dense) if act.numel() == w.shape[0] else torch.zeros(dense)
         else:
             out = _padded(n, w.shape[0], h, wd, k, act)
-        _conv(cur, w, b, out, 0 if last else p, None, 1, act, ins, h, wd)
+        _conv(cur, w, b, out, None if last else p, None, 1, act, ins, h, wd)
         outs.append(out)
         cur, ins = out, act
     return outs

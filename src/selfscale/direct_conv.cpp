@@ -101,8 +101,9 @@ static void zero_border(float* img, long plane, long row, int p, int H, int W, c
   }
 }
 
-// `pad` > 0: `out` is a padded buffer with border `pad`, whose padding is zeroed here too
-// (the planes not in `cos` are left alone).
+// `pad` >= 0: `out` is a padded buffer with border `pad`, whose padding (the right margin up
+// to the row's end included) is zeroed here too; the planes not in `cos` are left alone.
+// `pad` < 0: `out` is dense.
 extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float* w,
                         int transposed, const float* b, float* out, long out_plane, long out_row,
                         long out_off, int pad, const float* ref, int mode, const int* cos,
@@ -129,7 +130,7 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
       const int cb = std::min(8, nco - c0);
       FWD[cb](ni, gi, w, b, no, go, nref, mode, cos + c0, cis, nci, Cin, K, W, r);
     }
-    if (pad > 0) zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r);
+    if (pad >= 0) zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r);
   }
 }
 
