@@ -213,3 +213,44 @@ def test_a_deep_copy_keeps_working():
     for layer in model.layers:
         ref = F.relu(layer(ref))
     assert _close(twin(x).detach(), ref.detach())
+
+
+def test_fused_adam_on_direct_keeps_moments_in_their_parameters_layout():
+    """Fused CPU Adam reads moments in memory order: moments restored in NCHW order for a
+    channels_last weight (a checkpoint, a narrow copy) must be put back in the weight's layout."""
+    from selfscale.train import make_optimizer, to_device
+
+    direct.use("direct")
+    model = to_device(_net((3, 2, 1)), torch.device("cpu"))  # channels_last weights
+    twin = copy.deepcopy(model)
+    fused = make_optimizer(model, 1e-2)
+    if not fused.param_groups[0]["fused"]:
+        pytest.skip("this torch has no fused CPU Adam")
+    loop = torch.optim.Adam(twin.parameters(), lr=1e-2)  # the per-tensor reference
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
+
+    def step(opt, net):
+        for p, g in zip(net.parameters(), grads, strict=True):
+            p.grad = g.clone().contiguous(memory_format=torch.channels_last) if g.dim() == 4 \
+                else g.clone()
+        opt.step()
+
+    for _ in range(2):
+        step(fused, model)
+        step(loop, twin)
+    saved = fused.state_dict()
+    for entry in saved["state"].values():  # as a checkpoint or a narrow copy hands them back
+        for key in ("exp_avg", "exp_avg_sq"):
+            entry[key] = entry[key].contiguous()
+    fused = make_optimizer(model, 1e-2)
+    fused.load_state_dict(saved)
+    for p in model.parameters():
+        assert fused.state[p]["exp_avg"].stride() == p.stride()
+    for _ in range(3):
+        step(fused, model)
+        step(loop, twin)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert _close(a.detach(), b.detach(), rel=1e-6)
+    direct.use("torch")
+    assert not make_optimizer(model, 1e-2).param_groups[0]["fused"]
