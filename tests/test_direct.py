@@ -136,6 +136,8 @@ def test_torch_runs_what_the_kernels_do_not_cover():
     assert not direct.applicable(model, x.double())
     assert not direct.applicable(model, x.clone().requires_grad_(True))  # input gradients
     assert not direct.applicable(_net((direct.MAX_WIDTH + 1, 1)), x)
+    with pytest.raises(RuntimeError, match="channels"):  # torch's error, not a wild read
+        model(torch.rand(1, 2, 16, 16))
     handle = model.layers[1].register_forward_hook(lambda *a: None)  # e.g. taylor's scores
     assert not direct.applicable(model, x)
     handle.remove()

@@ -149,6 +149,7 @@ def applicable(model: FCN, x: Tensor) -> bool:
     w = model.layers[0].weight
     if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32
             or w.dtype != torch.float32 or x.dim() != 4 or x.requires_grad
+            or x.shape[1] != model.in_channels  # PyTorch's convolution says what is wrong
             or max(model.in_channels, *model.widths) > MAX_WIDTH):
         return False
     if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
