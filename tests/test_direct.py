@@ -256,3 +256,57 @@ def test_fused_adam_on_direct_keeps_moments_in_their_parameters_layout():
         assert _close(a.detach(), b.detach(), rel=1e-6)
     direct.use("torch")
     assert not make_optimizer(model, 1e-2).param_groups[0]["fused"]
+
+
+@needs_kernels
+def test_buffers_are_float32_whatever_torch_s_default_dtype():
+    model = _net((3, 1))
+    x = torch.rand(1, 1, 4, 20)
+    direct.use("torch")
+    ref = model(x).detach()
+    direct.use("direct")
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        out = model(x)
+        out.sum().backward()
+    finally:
+        torch.set_default_dtype(before)
+    assert out.dtype == torch.float32 and _close(out.detach(), ref)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@needs_kernels
+def test_a_copy_does_not_inherit_a_stale_list_of_enabled_masks():
+    model = _net((3, 1), kernel=3)
+    x = torch.rand(1, 1, 9, 9)
+    direct.use("direct")
+    model.set_enabled(0, 1, False)
+    model(x)  # caches the enabled masks [0, 2]
+    model.set_enabled(0, 1, True)
+    twin = copy.deepcopy(model)  # its switch restarts at version 1
+    assert twin.layers[0].active_indices().tolist() == [0, 1, 2]
+    assert torch.equal(twin(x), model(x))
+
+
+@needs_kernels
+def test_hooks_even_and_large_kernels_and_second_derivatives_are_left_to_torch():
+    x = torch.rand(1, 1, 12, 12)
+    direct.use("direct")
+    assert not direct.applicable(_net((2, 1), kernel=4), x)
+    assert not direct.applicable(_net((2, 1), kernel=direct.MAX_KERNEL + 2), x)
+    assert direct.applicable(_net((2, 1), kernel=direct.MAX_KERNEL), x)
+    model = _net((2, 1))
+    handle = model.layers[0].register_full_backward_hook(lambda *a: None)
+    assert not direct.applicable(model, x)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not direct.applicable(model, x)
+    finally:
+        handle.remove()
+    assert direct.applicable(model, x)
+    loss = (model(x) ** 2).sum()  # its output gradient depends on the weights
+    grads = torch.autograd.grad(loss, model.layers[0].weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grads[0].sum().backward()

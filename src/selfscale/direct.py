@@ -18,7 +18,8 @@ started with and every later command on the run uses that one, so a resumed run 
 bit-identical (same machine and thread count). The two implementations agree to float rounding
 (about 1e-6 relative), not bit for bit. Anything the direct path does not cover falls back to
 PyTorch: CUDA tensors, other dtypes, an input that needs a gradient, forward hooks on a layer,
-tracing, ``torch.compile`` and ONNX export, layers wider than :data:`MAX_WIDTH`.
+tracing, ``torch.compile`` and ONNX export, layers wider than :data:`MAX_WIDTH`, even kernels
+and kernels larger than :data:`MAX_KERNEL`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from selfscale.errors import ConfigError
 
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
 MODES = ("auto", "direct", "torch")
 MAX_WIDTH = 16
 """Widest layer (input or output channels) run by the direct kernels; wider goes to PyTorch."""
+MAX_KERNEL = 15
+"""Largest (odd) kernel run by the direct kernels: the weight gradient keeps 64 bytes per tap,
+channel pair and thread, so larger kernels go to PyTorch."""
 SOURCE = Path(__file__).with_name("direct_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
 
@@ -150,12 +155,19 @@ def applicable(model: FCN, x: Tensor) -> bool:
     if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32
             or w.dtype != torch.float32 or x.dim() != 4 or x.requires_grad
             or x.shape[1] != model.in_channels  # PyTorch's convolution says what is wrong
-            or max(model.in_channels, *model.widths) > MAX_WIDTH):
+            or max(model.in_channels, *model.widths) > MAX_WIDTH
+            or model.kernel % 2 == 0 or model.kernel > MAX_KERNEL):
         return False
     if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
             or torch.onnx.is_in_onnx_export()):
         return False
-    return not any(layer._forward_hooks or layer._forward_pre_hooks for layer in model.layers)
+    hooks = torch.nn.modules.module  # global module hooks fire only around each layer's call
+    if any(getattr(hooks, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return False
+    return not any(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                   or layer._backward_pre_hooks for layer in model.layers)
 
 
 # --- buffers and kernel calls -------------------------------------------------------------------
@@ -165,7 +177,8 @@ def _padded(n: int, c: int, h: int, w: int, k: int, written: Tensor | None = Non
     ``written`` (None: all), padding included; the others must be zero, so a buffer with
     planes left out starts zeroed."""
     shape = (n, c, h + k - 1, (w + 15) // 16 * 16 + k - 1)
-    return torch.empty(shape) if written is None or written.numel() == c else torch.zeros(shape)
+    make = torch.empty if written is None or written.numel() == c else torch.zeros
+    return make(shape, dtype=torch.float32, device="cpu")
 
 
 def _pad_copy(src: Tensor, dst: Tensor, gate: Tensor | None, p: int) -> None:
@@ -222,8 +235,8 @@ def _stack_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor],
     for i, (w, b, act) in enumerate(zip(weights, biases, actives)):
         last = i == len(weights) - 1
         if last:
-            dense = (n, w.shape[0], h, wd)
-            out = torch.empty(dense) if act.numel() == w.shape[0] else torch.zeros(dense)
+            make = torch.empty if act.numel() == w.shape[0] else torch.zeros
+            out = make(n, w.shape[0], h, wd, dtype=torch.float32, device="cpu")
         else:
             out = _padded(n, w.shape[0], h, wd, k, act)
         _conv(cur, w, b, out, None if last else p, None, 1, act, ins, h, wd)
@@ -243,11 +256,13 @@ class _Stack(torch.autograd.Function):
         return outs[-1]
 
     @staticmethod
+    @once_differentiable  # the gradients carry no graph: a second derivative is an error
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         layers = len(ctx.actives)
         outs, weights = saved[:layers + 1], saved[layers + 1:]
         n, _, h, wd = gy.shape
+        gy = gy.float()
         k = weights[0].shape[-1]
         p = k // 2
         y = outs[-1]
@@ -259,7 +274,8 @@ class _Stack(torch.autograd.Function):
             w, src = weights[i], outs[i]
             outs_i = ctx.actives[i]
             ins = ctx.actives[i - 1] if i > 0 else _all_channels(w.shape[1])
-            gw, gb = torch.zeros_like(w), torch.zeros(w.shape[0])
+            gw = torch.zeros_like(w)
+            gb = torch.zeros(w.shape[0], dtype=torch.float32, device="cpu")
             _library.ss_wgrad(src.data_ptr(), src.shape[2] * src.shape[3], src.shape[3],
                               g.data_ptr(), g.shape[2] * g.shape[3], g.shape[3], off,
                               gw.data_ptr(), gb.data_ptr(), outs_i.data_ptr(), outs_i.numel(),

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
-#include <omp.h>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -136,7 +135,7 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
 
 // gw[co, ci, ky, kx] = sum_{n, r, x} g[n, co, r, x] in[n, ci, r + ky, x + kx];
 // gb[co] = sum g[n, co, r, x]. `g` is padded (interior at off), zero beyond column W up to
-// ceil16(W). Rows are split into `threads` contiguous ranges; partial sums are added in thread
+// ceil16(W). Rows are split into `threads` contiguous ranges; partial sums are added in range
 // order, so a thread count gives one result.
 template <int CB>
 static void wgrad_row(const float* in, Geo gi, const float* g, Geo gg, v16* acc, v16* bacc,
@@ -213,12 +212,13 @@ extern "C" void ss_wgrad(const float* in, long in_plane, long in_row, const floa
   const long per = (long)nco * nci * K * K + nco;   // v16 accumulators per thread
   std::vector<v16> part((size_t)threads * per);
   const long rows = (long)N * H;
-  #pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+  // One range of rows per part, however many threads OpenMP actually runs: the sums depend on
+  // `threads` alone.
+  #pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int t = 0; t < threads; t++) {
     v16* acc = part.data() + (size_t)t * per;
     for (long j = 0; j < per; j++) acc[j] = (v16){};
-    const long lo = rows * t / nt, hi = rows * (t + 1) / nt;
+    const long lo = rows * t / threads, hi = rows * (t + 1) / threads;
     for (long nr = lo; nr < hi; nr++) {
       const long n = nr / H; const int r = (int)(nr % H);
       const float* ni = in + n * Cin * in_plane;

@@ -95,6 +95,11 @@ class MaskedConv2d(nn.Conv2d):
         self.weight.register_hook(self._mask_weight_grad)
         self.bias.register_hook(self._mask_bias_grad)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, pickle) starts without the switch cache: its switches
+        restart at version 1, which a cached entry could match by chance."""
+        return {**self.__dict__, "_switch_cache": {}}
+
     def _all(self, name: str, value: bool) -> bool:
         """Whether every entry of switch ``name`` equals ``value``, cached until the switch
         changes (a tensor's ``_version`` counts its in-place changes; holding the tensor keeps
