@@ -310,3 +310,26 @@ def test_hooks_even_and_large_kernels_and_second_derivatives_are_left_to_torch()
     grads = torch.autograd.grad(loss, model.layers[0].weight, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grads[0].sum().backward()
+
+
+@needs_kernels
+def test_a_fused_state_loaded_on_torch_convolutions_still_gets_its_layouts_fixed():
+    """A --conv direct run resumed where the kernels cannot be built: the per-tensor Adam is
+    made, but the loaded state says fused, so the moments must be put in layout too."""
+    from selfscale.train import make_optimizer, to_device
+
+    direct.use("direct")
+    model = to_device(_net((3, 1)), torch.device("cpu"))
+    fused = make_optimizer(model, 1e-2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    fused.step()
+    saved = fused.state_dict()
+    for entry in saved["state"].values():
+        entry["exp_avg"] = entry["exp_avg"].contiguous()
+    direct.use("torch")
+    again = make_optimizer(model, 1e-2)
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["fused"] == saved["param_groups"][0]["fused"]
+    for p in model.parameters():
+        assert again.state[p]["exp_avg"].stride() == p.stride()

@@ -23,13 +23,14 @@ def image_dir(rect_folder):
                        ramp=0.2)
 
 
-def _config(image_dir, cache, steps=30, seed=0, task="sobel"):
+def _config(image_dir, cache, steps=30, seed=0, task="sobel", conv="auto"):
     return RunConfig(
         data=DataConfig(data=image_dir, crop=32, train_crop=None, batch=2, eval_fraction=0.34,
                         cache_dir=cache),
         task=TaskConfig(name=task),
         model=ModelConfig(widths=(3, 2, 1), kernel=3, init_std=0.2),
-        train=TrainConfig(steps=steps, eval_every=10, lr=0.01, seed=seed, device="cpu", threads=1),
+        train=TrainConfig(steps=steps, eval_every=10, lr=0.01, seed=seed, device="cpu", threads=1,
+                          conv=conv),
     )
 
 
@@ -65,15 +66,18 @@ class _Kill(Exception):
     pass
 
 
-def test_killed_run_resumes_bit_identical(image_dir, tmp_path):
-    """Kill at step 25 (last checkpoint at 20), resume to 40: same weights, Adam, RNG, scores."""
-    full = _train(start_run(_config(image_dir, tmp_path / "c", steps=40), tmp_path / "full"))
+@pytest.mark.parametrize("conv", ["auto", "torch"])
+def test_killed_run_resumes_bit_identical(image_dir, tmp_path, conv):
+    """Kill at step 25 (last checkpoint at 20), resume to 40: same weights, Adam, RNG, scores;
+    on either convolution (auto: the direct kernels with fused Adam where they build)."""
+    full = _train(start_run(_config(image_dir, tmp_path / "c", steps=40, conv=conv),
+                            tmp_path / "full"))
 
     def kill(step, loss):
         if step == 25:
             raise _Kill
 
-    run = start_run(_config(image_dir, tmp_path / "c", steps=40), tmp_path / "part")
+    run = start_run(_config(image_dir, tmp_path / "c", steps=40, conv=conv), tmp_path / "part")
     with pytest.raises(_Kill):
         _train(run, hooks=TrainHooks(on_step=kill))
     moved = tmp_path / "moved"

@@ -358,9 +358,9 @@ MODES = ("disabled-frozen", "disabled", "others-frozen")
 REFERENCES = ("base", "previous")
 SCORE_METRICS = ("f1", "uiqi", "mae", "mse")
 JUDGES = ("final", "best", "paired")
-CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--conv": CONVS, "--mode": MODES, "--reference": REFERENCES,
-           "--metric": SCORE_METRICS, "--init": INITS, "--schedule": SCHEDULES,
-           "--recipe": tuple(RECIPES), "--judge": JUDGES}
+CHOICES = {"--loss": LOSSES, "--device": DEVICES, "--conv": CONVS, "--mode": MODES,
+           "--reference": REFERENCES, "--metric": SCORE_METRICS, "--init": INITS,
+           "--schedule": SCHEDULES, "--recipe": tuple(RECIPES), "--judge": JUDGES}
 """The allowed values of the flags that take one of a few names."""
 
 

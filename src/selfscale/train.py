@@ -61,17 +61,20 @@ def make_optimizer(model: FCN, lr: float) -> torch.optim.Adam:
     order, so a moment stored in another layout than its parameter (a channels_last weight with
     moments restored in NCHW order, as a checkpoint or a narrow copy gives) would be mixed up:
     every load of a state therefore copies the moments into their parameter's layout
-    (:func:`_moments_like_params`). On ``--conv torch`` it stays the default Adam, so runs made
-    before ``--conv`` existed resume and minimize exactly as before; a loaded state keeps the
-    choice it was saved with."""
+    (:func:`_moments_like_params`), whichever Adam loads it, since a loaded state keeps the
+    choice it was saved with. On ``--conv torch`` it stays the default Adam, so runs made before
+    ``--conv`` existed resume and minimize exactly as before (the per-tensor update does not
+    depend on the layout)."""
+    optimizer = None
     if direct.current() == "direct" and next(model.parameters()).device.type == "cpu":
         try:
             optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
         except (RuntimeError, TypeError):  # a torch without fused CPU Adam (before 2.4)
-            return torch.optim.Adam(model.parameters(), lr=lr)
-        optimizer.register_load_state_dict_post_hook(_moments_like_params)
-        return optimizer
-    return torch.optim.Adam(model.parameters(), lr=lr)
+            optimizer = None
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer.register_load_state_dict_post_hook(_moments_like_params)
+    return optimizer
 
 
 def _moments_like_params(optimizer: torch.optim.Optimizer) -> None:
