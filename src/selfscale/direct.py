@@ -69,12 +69,6 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _cache_folder() -> Path:
-    env = os.environ.get("SELFSCALE_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return (base if env else base / "selfscale") / "direct"
-
-
 def _compile(cxx: str, folder: Path) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60,
                              check=True).stdout.splitlines()[0]
@@ -108,7 +102,9 @@ def library() -> ctypes.CDLL | None:
     try:
         if not cxx:
             raise RuntimeError("no C++ compiler (set CXX or install g++)")
-        lib = ctypes.CDLL(str(_compile(cxx, _cache_folder())))
+        from selfscale.cache import cache_folder  # the data cache's root, read once
+
+        lib = ctypes.CDLL(str(_compile(cxx, cache_folder(None) / "direct")))
         lib.ss_conv.argtypes = [_ptr, _long, _long, _ptr, _int, _ptr, _ptr, _long, _long, _long,
                                 _int, _ptr, _int, _ptr, _int, _ptr, _int, _int, _int, _int, _int,
                                 _int, _int, _int]
@@ -191,10 +187,6 @@ def _pad_copy(src: Tensor, dst: Tensor, gate: Tensor | None, p: int) -> None:
                          torch.get_num_threads())
 
 
-def _indices(values: list[int]) -> Tensor:
-    return torch.tensor(values, dtype=torch.int32)
-
-
 def _conv(src: Tensor, w: Tensor, b: Tensor | None, out: Tensor, pad: int | None,
           ref: Tensor | None, mode: int, outs: Tensor, ins: Tensor, h: int, wd: int,
           transposed: bool = False) -> None:
@@ -217,7 +209,7 @@ _ALL: dict[int, Tensor] = {}
 
 def _all_channels(c: int) -> Tensor:
     if c not in _ALL:
-        _ALL[c] = _indices(list(range(c)))
+        _ALL[c] = torch.arange(c, dtype=torch.int32)
     return _ALL[c]
 
 

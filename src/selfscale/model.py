@@ -17,7 +17,7 @@ including the output layer, whose width is 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,19 +100,22 @@ class MaskedConv2d(nn.Conv2d):
         restart at version 1, which a cached entry could match by chance."""
         return {**self.__dict__, "_switch_cache": {}}
 
+    def _derived(self, key: str, name: str, compute: Callable[[Tensor], Any]) -> Any:
+        """``compute(switch)`` for switch ``name``, cached under ``key`` until the switch changes
+        (a tensor's ``_version`` counts its in-place changes; holding the tensor keeps its
+        identity unique): no device sync and no extra kernels per step on the common path."""
+        switch = getattr(self, name)
+        cached = self._switch_cache.get(key)
+        if cached is None or cached[0] is not switch or cached[1] != switch._version:
+            cached = (switch, switch._version, compute(switch))
+            self._switch_cache[key] = cached
+        return cached[2]
+
     def _all(self, name: str, value: bool) -> bool:
-        """Whether every entry of switch ``name`` equals ``value``, cached until the switch
-        changes (a tensor's ``_version`` counts its in-place changes; holding the tensor keeps
-        its identity unique): no device sync and no extra kernels per step on the common path."""
+        """Whether every entry of switch ``name`` equals ``value`` (cached, :meth:`_derived`)."""
         if torch.compiler.is_compiling():  # traced: the general path, which inductor fuses
             return False
-        switch = getattr(self, name)
-        key = (switch, switch._version)
-        cached = self._switch_cache.get(name)
-        if cached is None or cached[0] is not switch or cached[1] != key[1]:
-            cached = (*key, bool((switch == value).all()))
-            self._switch_cache[name] = cached
-        return cached[2]
+        return self._derived(name, name, lambda switch: bool((switch == value).all()))
 
     def _mask_weight_grad(self, grad: Tensor) -> Tensor:
         if self._all("frozen", False):
@@ -133,12 +136,8 @@ class MaskedConv2d(nn.Conv2d):
 
     def active_indices(self) -> Tensor:
         """The enabled masks' indices (int32, on the CPU), cached until the switch changes."""
-        key = (self.enabled, self.enabled._version)
-        cached = self._switch_cache.get("indices")
-        if cached is None or cached[0] is not key[0] or cached[1] != key[1]:
-            cached = (*key, torch.nonzero(self.enabled.cpu()).flatten().to(torch.int32))
-            self._switch_cache["indices"] = cached
-        return cached[2]
+        return self._derived("indices", "enabled",
+                             lambda switch: torch.nonzero(switch.cpu()).flatten().to(torch.int32))
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.gated()

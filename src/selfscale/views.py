@@ -51,7 +51,7 @@ def info_text(info: dict[str, Any]) -> str:
             lines.append(f"{label:<10} step {rec['step']}: {scores_text(rec)}")
     lines.append(f"training   loss {cfg['train']['loss']}, lr {cfg['train']['lr']}, batch "
                  f"{cfg['data']['batch']}, crop {cfg['data']['crop']}, seed "
-                 f"{cfg['train']['seed']}, threads {info['threads']}, conv {info.get('conv', 'torch')}")
+                 f"{cfg['train']['seed']}, threads {info['threads']}, conv {info['conv']}")
     if info.get("data"):
         d = info["data"]
         lines.append(f"data       {d['source']}: {len(d['train'])} train, {len(d['eval'])} eval "
