@@ -100,6 +100,14 @@ class MaskedConv2d(nn.Conv2d):
         restart at version 1, which a cached entry could match by chance."""
         return {**self.__dict__, "_switch_cache": {}}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copied parameter comes without the hooks of the one it copies: the frozen masks'
+        gradient hooks are registered again."""
+        super().__setstate__(state)
+        for p, hook in ((self.weight, self._mask_weight_grad), (self.bias, self._mask_bias_grad)):
+            if not p._backward_hooks:
+                p.register_hook(hook)
+
     def _derived(self, key: str, name: str, compute: Callable[[Tensor], Any]) -> Any:
         """``compute(switch)`` for switch ``name``, cached under ``key`` until the switch changes
         (a tensor's ``_version`` counts its in-place changes; holding the tensor keeps its
