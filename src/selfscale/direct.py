@@ -56,7 +56,7 @@ _mode = "torch"
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
-_long, _int, _ptr = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+_long, _int, _ptr, _dbl = ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
 
 
 def _cpu_flags() -> str:
@@ -112,6 +112,10 @@ def library() -> ctypes.CDLL | None:
                                     _int, _int, _int, _int, _int, _int]
         lib.ss_wgrad.argtypes = [_ptr, _long, _long, _ptr, _long, _long, _long, _ptr, _ptr, _ptr,
                                  _int, _ptr, _int, _int, _int, _int, _int, _int, _int, _int]
+        lib.ss_step.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int, _int, _ptr, _ptr,
+                                _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _dbl, _dbl, _dbl,
+                                _dbl, _dbl, _int]
+        lib.ss_step.restype = _dbl
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, IndexError) as exc:
         _failure = f"{type(exc).__name__}: {str(exc).strip()[:200]}"

@@ -10,6 +10,7 @@
 // thread; the weight gradient splits rows into `threads` contiguous ranges and adds the partial
 // sums in thread order, so one thread count gives one result.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -269,4 +270,206 @@ extern "C" void ss_pad_copy(const float* src, long sn, long sc, long sh, long sw
     if (r == 0) std::memset(pl, 0, sizeof(float) * p * row);
     if (r == H - 1) std::memset(pl + (p + H) * row, 0, sizeof(float) * (plane - (p + H) * row));
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One whole training step in one call (selfscale.direct_step): forward through every layer,
+// the loss and its gradient, backward, frozen masks, gradient clipping and Adam. The same
+// kernels as above, called without Python, buffers or autograd between them.
+//
+// Parameters are strided float32 tensors (a channels_last weight is read and updated in place
+// through its strides); Adam's moments have their parameter's strides. x is (N, C0, H, W) and
+// y (N, CL, H, W), both strided (y's rows contiguous). Returns the loss (batch mean), computed in double.
+namespace {
+thread_local std::vector<float> workspace;
+
+long padded_plane(int H, int W, int K) { return (long)(H + K - 1) * ((W + 15) / 16 * 16 + K - 1); }
+
+// The loss of one image from its output o (padded, interior at off, zero right of it) and its
+// target t (rows contiguous), and the gradient coefficients:
+// d loss / d o = a * sgn(o - t) + b * t + c * (o - t). Sums: 16 lanes per row in float, rows
+// and lanes added in double in a fixed order.
+struct LossTerms { double loss, a, b, c; };
+
+static inline double hsum_d(v16 v) {
+  double s = 0;
+  for (int j = 0; j < 16; j++) s += v[j];
+  return s;
+}
+
+static inline v16 ld_n(const float* p, int n) {   // n <= 16 floats, the rest 0
+  if (n == 16) return ld(p);
+  v16 v = {};
+  std::memcpy(&v, p, 4 * n);
+  return v;
+}
+
+LossTerms loss_terms(int kind, const float* o, Geo go, const float* t, long tc, long th, int C,
+                     int H, int W) {
+  double s_abs = 0, s_sq = 0, s_tp = 0;
+  for (int c = 0; c < C; c++)
+    for (int r = 0; r < H; r++) {
+      const float* orow = o + go.at(c, r);
+      const float* trow = t + c * tc + r * th;
+      v16 a = {}, q = {}, tp = {};
+      for (int x0 = 0; x0 < W; x0 += 16) {
+        const v16 ov = ld(orow + x0), tv = ld_n(trow + x0, std::min(16, W - x0));
+        const v16 d = ov - tv;
+        a += d < 0 ? -d : d; q += d * d; tp += ov * tv;
+      }
+      s_abs += hsum_d(a); s_sq += hsum_d(q); s_tp += hsum_d(tp);
+    }
+  const double m = (double)C * H * W;
+  if (kind == 0) return {s_abs / m, 1.0 / m, 0, 0};                 // mae
+  if (kind == 1) return {s_sq / m, 0, 0, 2.0 / m};                  // mse
+  const double den = 2 * s_tp + s_abs;                              // f1: E / (2 TP + E)
+  if (den == 0) return {0, 0, 0, 0};
+  return {s_abs / den, 1.0 / den - s_abs / (den * den), -2.0 * s_abs / (den * den), 0};
+}
+}  // namespace
+
+extern "C" double ss_step(const float* x, const long* xs, const float* y, const long* ys, int N,
+                          int H, int W, int K, int L, const int* chans, float* const* params,
+                          const long* wstrides, float* const* exp_avg, float* const* exp_avg_sq,
+                          float* const* steps, const int* const* actives, const int* nact,
+                          const unsigned char* const* frozen, int loss, double lr, double beta1,
+                          double beta2, double eps, double clip, int threads) {
+  const int p = K / 2;
+  const long plane = padded_plane(H, W, K), row = (W + 15) / 16 * 16 + K - 1,
+             off = p * row + p, KK = (long)K * K;
+  int widest = 0;
+  std::vector<long> at(L + 1), wat(L), gat(2 * L);   // activation, weight copy, gradient offsets
+  long total = 0, wtotal = 0, gtotal = 0;
+  for (int i = 0; i <= L; i++) { at[i] = total; total += (long)N * chans[i] * plane;
+                                 widest = std::max(widest, chans[i]); }
+  for (int i = 0; i < L; i++) {
+    wat[i] = wtotal; wtotal += (long)chans[i + 1] * chans[i] * KK;
+    gat[2 * i] = gtotal; gtotal += (long)chans[i + 1] * chans[i] * KK;
+    gat[2 * i + 1] = gtotal; gtotal += chans[i + 1];
+  }
+  const long gbuf = (long)N * widest * plane;
+  workspace.resize((size_t)(total + 2 * gbuf + wtotal + gtotal));
+  float* act = workspace.data();
+  float* g0 = act + total; float* g1 = g0 + gbuf;
+  float* wc = g1 + gbuf; float* grad = wc + wtotal;
+  std::vector<int> all(widest);
+  for (int c = 0; c < widest; c++) all[c] = c;
+
+  // weights in (co, ci, ky, kx) order, read through their strides
+  for (int i = 0; i < L; i++) {
+    const long* s = wstrides + 4 * i;
+    for (long co = 0; co < chans[i + 1]; co++)
+      for (long ci = 0; ci < chans[i]; ci++)
+        for (long ky = 0; ky < K; ky++)
+          for (long kx = 0; kx < K; kx++)
+            wc[wat[i] + ((co * chans[i] + ci) * K + ky) * K + kx] =
+                params[2 * i][co * s[0] + ci * s[1] + ky * s[2] + kx * s[3]];
+  }
+  // planes of disabled masks are never read but are kept zero
+  for (int i = 1; i <= L; i++) {
+    if (nact[i - 1] == chans[i]) continue;
+    std::vector<char> on(chans[i], 0);
+    for (int j = 0; j < nact[i - 1]; j++) on[actives[i - 1][j]] = 1;
+    for (long n = 0; n < N; n++)
+      for (int c = 0; c < chans[i]; c++)
+        if (!on[c]) std::memset(act + at[i] + (n * chans[i] + c) * plane, 0, sizeof(float) * plane);
+  }
+  // forward
+  ss_pad_copy(x, xs[0], xs[1], xs[2], xs[3], nullptr, act, plane, row, p, N, chans[0], H, W,
+              threads);
+  for (int i = 0; i < L; i++)
+    ss_conv(act + at[i], plane, row, wc + wat[i], 0, params[2 * i + 1], act + at[i + 1], plane,
+            row, off, p, nullptr, 1, actives[i], nact[i], i ? actives[i - 1] : all.data(),
+            i ? nact[i - 1] : chans[0], N, chans[i], chans[i + 1], H, W, K, threads);
+  // loss, and its gradient times ReLU's (zero where the output is <= 0) into g0, padded
+  const int CL = chans[L];
+  const float* out = act + at[L];
+  double total_loss = 0;
+  for (long n = 0; n < N; n++) {
+    const Geo go{plane, row, off};
+    const float* on = out + n * CL * plane;
+    const float* tn = y + n * ys[0];
+    const LossTerms lt = loss_terms(loss, on, go, tn, ys[1], ys[2], CL, H, W);
+    total_loss += lt.loss;
+    const v16 fa = (v16){} + (float)(lt.a / N), fb = (v16){} + (float)(lt.b / N),
+              fc = (v16){} + (float)(lt.c / N), one = (v16){} + 1.f, zero = {};
+    for (int c = 0; c < CL; c++) {
+      float* gp = g0 + (n * CL + c) * plane;
+      std::memset(gp, 0, sizeof(float) * plane);
+      for (int r = 0; r < H; r++) {
+        const float* orow = on + go.at(c, r);
+        const float* trow = tn + c * ys[1] + r * ys[2];
+        float* grow = gp + (p + r) * row + p;
+        for (int x0 = 0; x0 < W; x0 += 16) {
+          const int cnt = std::min(16, W - x0);
+          const v16 o = ld(orow + x0), t = ld_n(trow + x0, cnt), d = o - t;
+          const v16 sgn = (d > zero ? one : zero) - (d < zero ? one : zero);
+          v16 v = fa * sgn + fb * t + fc * d;
+          v = o <= zero ? zero : v;                          // NaN passes, as in torch
+          if (cnt == 16) st(grow + x0, v); else std::memcpy(grow + x0, &v, 4 * cnt);
+        }
+      }
+    }
+  }
+  // backward: weight and bias gradients, then the previous layer's (gated) output gradient
+  std::fill(grad, grad + gtotal, 0.f);
+  float* g = g0; float* gn = g1;
+  for (int i = L - 1; i >= 0; i--) {
+    const int* ins = i ? actives[i - 1] : all.data();
+    const int nin = i ? nact[i - 1] : chans[0];
+    ss_wgrad(act + at[i], plane, row, g, plane, row, off, grad + gat[2 * i],
+             grad + gat[2 * i + 1], actives[i], nact[i], ins, nin, N, chans[i], chans[i + 1],
+             H, W, K, threads);
+    if (i > 0) {
+      ss_conv(g, plane, row, wc + wat[i], 1, nullptr, gn, plane, row, off, p, act + at[i], 2,
+              ins, nin, actives[i], nact[i], N, chans[i + 1], chans[i], H, W, K, threads);
+      std::swap(g, gn);
+    }
+  }
+  // frozen masks get no gradient
+  for (int i = 0; i < L; i++) {
+    if (!frozen[i]) continue;
+    const long per = (long)chans[i] * KK;
+    for (int co = 0; co < chans[i + 1]; co++)
+      if (frozen[i][co]) {
+        std::fill(grad + gat[2 * i] + co * per, grad + gat[2 * i] + (co + 1) * per, 0.f);
+        grad[gat[2 * i + 1] + co] = 0.f;
+      }
+  }
+  // clip the total gradient norm as torch.nn.utils.clip_grad_norm_ does
+  if (clip > 0) {
+    double sq = 0;
+    for (long j = 0; j < gtotal; j++) sq += (double)grad[j] * grad[j];
+    const float coef = (float)std::min(clip / (std::sqrt(sq) + 1e-6), 1.0);
+    for (long j = 0; j < gtotal; j++) grad[j] *= coef;
+  }
+  // Adam (no weight decay, no amsgrad), each parameter with its own step count
+  for (int j = 0; j < 2 * L; j++) {
+    const int i = j / 2;
+    const float step = (*steps[j] += 1.f);
+    const double bc1 = 1 - std::pow(beta1, (double)step), bc2 = 1 - std::pow(beta2, (double)step);
+    const float step_size = (float)(lr / bc1), bc2_sqrt = (float)std::sqrt(bc2);
+    const float b1 = (float)(1 - beta1), b2 = (float)beta2, nb2 = (float)(1 - beta2);
+    const float fe = (float)eps;
+    const float* gj = grad + gat[j];
+    auto update = [&](long e, long k) {
+      const float gv = gj[k];
+      float& m = exp_avg[j][e]; float& v = exp_avg_sq[j][e];
+      m = m + b1 * (gv - m);
+      v = v * b2 + nb2 * gv * gv;
+      params[j][e] -= step_size * (m / (std::sqrt(v) / bc2_sqrt + fe));
+    };
+    if (j % 2) {
+      for (long k = 0; k < chans[i + 1]; k++) update(k, k);
+    } else {
+      const long* s = wstrides + 4 * i;
+      long k = 0;
+      for (long co = 0; co < chans[i + 1]; co++)
+        for (long ci = 0; ci < chans[i]; ci++)
+          for (long ky = 0; ky < K; ky++)
+            for (long kx = 0; kx < K; kx++, k++)
+              update(co * s[0] + ci * s[1] + ky * s[2] + kx * s[3], k);
+    }
+  }
+  return total_loss / N;
 }

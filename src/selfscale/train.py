@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfscale import direct
+from selfscale import direct, direct_step
 from selfscale.crops import center_crops, sample_batch
 from selfscale.data import ImageSet
 from selfscale.errors import TrainingError
@@ -175,7 +175,11 @@ def revive_dead_init(state: TrainState, probe: Tensor, init: Init | float,
 def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                loss_fn: Callable[[Tensor, Tensor], Tensor], clip: float = 0.0) -> float:
     """One Adam step on one batch (gradient norm clipped to ``clip`` when > 0); returns the loss
-    before the update."""
+    before the update. On ``--conv direct`` the whole step is one kernel call where it can be
+    (:mod:`selfscale.direct_step`)."""
+    fused = direct_step.train_step(model, optimizer, x, y, loss_fn, clip)
+    if fused is not None:
+        return fused
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
     loss.backward()
