@@ -259,3 +259,41 @@ def test_uiqi_does_not_track_gradients():
     pred = torch.rand(1, 1, 8, 8, requires_grad=True)
     assert not uiqi(pred, torch.rand(1, 1, 8, 8)).requires_grad
     assert math.isfinite(uiqi(pred, pred).item())
+
+
+def _uiqi_pairs():
+    """float32 pairs: random, correlated, constant and zero windows, ReLU outputs against
+    binary targets, odd sizes and non-contiguous layouts."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(2, 1, 8, 8), (3, 1, 9, 30), (1, 1, 40, 37), (1, 1, 130, 100)]:
+        x, y = torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+        yield x, y
+        yield x, 0.5 * x + 0.5 * y
+        flat_x, flat_y = x.clone(), y.clone()
+        flat_x[..., :9, :12], flat_y[..., :9, :12] = 0.5, 0.25
+        flat_x[..., -8:, -8:], flat_y[..., -8:, -8:] = 0.0, 0.0
+        yield flat_x, flat_y
+        yield (torch.relu(torch.randn(shape, generator=gen)) * 3,
+               (torch.rand(shape, generator=gen) > 0.7).float())
+        yield x.contiguous(memory_format=torch.channels_last), y.transpose(2, 3).contiguous() \
+            .transpose(2, 3)
+        if shape[-1] >= 20:
+            yield x[..., 1:, 1::2], y[..., :-1, 1::2]
+
+
+def test_uiqi_map_from_the_kernels_is_bit_identical_to_pytorch_s(monkeypatch):
+    """With the direct kernels loaded the map comes from their C++ loop: the same operations in
+    the same order, so the same float64 bits."""
+    from selfscale import direct, metrics
+
+    if direct.library() is None:
+        pytest.skip(f"direct kernels not built: {direct.failure()}")
+    for x, y in _uiqi_pairs():
+        fast = uiqi_map(x, y)
+        with monkeypatch.context() as m:
+            m.setattr(direct, "_library", None)
+            slow = uiqi_map(x, y)
+        assert metrics._uiqi_map_kernel(x, y) is not None
+        assert fast.dtype == slow.dtype == torch.float64 and torch.equal(fast, slow)
+    assert metrics._uiqi_map_kernel(torch.rand(1, 1, 9, 9).double(), torch.rand(1, 1, 9, 9)) \
+        is None  # float64 input: PyTorch's

@@ -116,6 +116,7 @@ def library() -> ctypes.CDLL | None:
                                 _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _dbl, _dbl, _dbl,
                                 _dbl, _dbl, _int]
         lib.ss_step.restype = _dbl
+        lib.ss_uiqi_map.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _ptr, _int]
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, IndexError) as exc:
         _failure = f"{type(exc).__name__}: {str(exc).strip()[:200]}"

@@ -473,3 +473,74 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
   }
   return total_loss / N;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The UIQI map (selfscale.metrics.uiqi_map) of N image pairs: float32 in, float64 out, the same
+// operations in the same order as the PyTorch version and so the same bits: 8-wide sums along
+// each row (left to right), 8-tall sums of those (top to bottom), then the formula term by term.
+// The sums' products are of float32 values, exact in double, so a fused multiply-add gives
+// the same bits there; the formula's would not, so contraction is off for it.
+#if defined(__clang__)
+#define SS_NO_CONTRACT
+#else
+#define SS_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+
+static SS_NO_CONTRACT void uiqi_formula(const double* __restrict acc, int OW, double* __restrict o) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const double n = 64.0;
+  for (int x = 0; x < OW; x++) {
+    const double sx = acc[x], sy = acc[OW + x], sxx = acc[2 * OW + x], syy = acc[3 * OW + x],
+                 sxy = acc[4 * OW + x];
+    const double sx_sy = sx * sy;
+    const double d2 = sx * sx + sy * sy;
+    const double numerator = 4 * (n * sxy - sx_sy) * sx_sy;
+    const double d1 = n * (sxx + syy) - d2;
+    const double denominator = d1 * d2;
+    const double quality = d1 == 0 && d2 != 0 ? 2 * sx_sy / d2 : 1.0;
+    o[x] = denominator != 0 ? numerator / denominator : quality;
+  }
+}
+
+// Row sums of image row r of map m go to ring[(r % 8)][m]: the eight rows a window row needs
+// stay in cache. Images run in parallel, each window row adds its 8 rows in order.
+static void uiqi_row_sums(const float* xr, long xs, const float* yr, long ys, int W, int OW,
+                          double* __restrict a, double* __restrict b, double* __restrict s) {
+  for (int x = 0; x < W; x++) { a[x] = xr[(long)x * xs]; b[x] = yr[(long)x * ys]; }
+  double* __restrict s0 = s; double* __restrict s1 = s + OW; double* __restrict s2 = s + 2 * OW;
+  double* __restrict s3 = s + 3 * OW; double* __restrict s4 = s + 4 * OW;
+  for (int x = 0; x < OW; x++) {
+    s0[x] = a[x]; s1[x] = b[x]; s2[x] = a[x] * a[x]; s3[x] = b[x] * b[x]; s4[x] = a[x] * b[x];
+  }
+  for (int j = 1; j < 8; j++)
+    for (int x = 0; x < OW; x++) {
+      const double u = a[x + j], v = b[x + j];
+      s0[x] += u; s1[x] += v; s2[x] += u * u; s3[x] += v * v; s4[x] += u * v;
+    }
+}
+
+extern "C" void ss_uiqi_map(const float* px, const long* ps, const float* py, const long* ys,
+                            int N, int H, int W, double* out, int threads) {
+  const int B = 8, OH = H - B + 1, OW = W - B + 1;
+  #pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int i = 0; i < N; i++) {
+    std::vector<double> a(W), b(W), ring((size_t)B * 5 * OW), acc((size_t)5 * OW);
+    const float* xi = px + i * ps[0];
+    const float* yi = py + i * ys[0];
+    for (int r = 0; r < H; r++) {
+      uiqi_row_sums(xi + r * ps[1], ps[2], yi + r * ys[1], ys[2], W, OW, a.data(), b.data(),
+                    ring.data() + (size_t)(r % B) * 5 * OW);
+      const int top = r - B + 1;                       // the window row that is complete now
+      if (top < 0) continue;
+      for (int k = 0; k < B; k++) {
+        const double* __restrict src = ring.data() + (size_t)((top + k) % B) * 5 * OW;
+        double* __restrict am = acc.data();
+        if (k == 0) for (long x = 0; x < 5L * OW; x++) am[x] = src[x];
+        else for (long x = 0; x < 5L * OW; x++) am[x] += src[x];
+      }
+      uiqi_formula(acc.data(), OW, out + ((long)i * OH + top) * OW);
+    }
+  }
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,9 @@ def uiqi_map(pred: Tensor, target: Tensor) -> Tensor:
     if height < UIQI_BLOCK or width < UIQI_BLOCK:
         raise ValueError(f"uiqi needs images of at least {UIQI_BLOCK}×{UIQI_BLOCK} pixels, "
                          f"got {height}×{width}")
+    fast = _uiqi_map_kernel(pred, target)
+    if fast is not None:
+        return fast
     x = pred.detach().to(torch.float64).reshape(-1, 1, height, width)
     y = target.detach().to(torch.float64).reshape(-1, 1, height, width)
     sums = _window_sums(torch.cat([x, y, x * x, y * y, x * y], dim=1))
@@ -108,6 +112,28 @@ def uiqi_map(pred: Tensor, target: Tensor) -> Tensor:
     quality = torch.where(constant, 2 * sx_sy / torch.where(constant, d2, ones), ones)
     regular = denominator != 0
     return torch.where(regular, numerator / torch.where(regular, denominator, ones), quality)
+
+
+def _uiqi_map_kernel(pred: Tensor, target: Tensor) -> Tensor | None:
+    """:func:`uiqi_map` from the direct kernels' C++ loop (``ss_uiqi_map``), when they are
+    loaded (``--conv direct``) and both images are float32 on the CPU; None otherwise. It does
+    the same float64 operations in the same order, so the map is the same to the bit, about 5×
+    faster: evaluation spent most of its time here."""
+    from selfscale import direct
+
+    lib = direct._library
+    if (lib is None or pred.dtype != torch.float32 or target.dtype != torch.float32
+            or pred.device.type != "cpu" or target.device.type != "cpu"):
+        return None
+    height, width = pred.shape[-2:]
+    x = pred.detach().reshape(-1, height, width)
+    y = target.detach().reshape(-1, height, width)
+    out = torch.empty(x.shape[0], height - UIQI_BLOCK + 1, width - UIQI_BLOCK + 1,
+                      dtype=torch.float64)
+    strides = [(ctypes.c_long * 3)(*t.stride()) for t in (x, y)]
+    lib.ss_uiqi_map(x.data_ptr(), strides[0], y.data_ptr(), strides[1], x.shape[0], height,
+                    width, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def uiqi(pred: Tensor, target: Tensor) -> Tensor:
