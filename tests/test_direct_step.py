@@ -22,6 +22,8 @@ CASES = {
     "k=3, four layers, clipped": {"widths": (3, 7, 9, 1), "kernel": 3, "frozen": ((1, 0),),
                                   "clip": 0.05},
     "k=7, RGB input": {"widths": (4, 1), "kernel": 7, "in_channels": 3},
+    "narrower than one strip, shorter than the kernel": {"widths": (2, 2, 1), "kernel": 7,
+                                                         "shape": (3, 5, 9)},
 }
 
 
@@ -68,7 +70,7 @@ def test_the_one_call_step_equals_the_autograd_step(case, loss):
     fused, ref = _net(case), _net(case)
     opt_fused, opt_ref = make_optimizer(fused, 1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
     loss_fn, clip = LOSSES[loss], case.get("clip", 0.0)
-    for x, y in _batches(case, 4):
+    for x, y in _batches(case, 4, case.get("shape", (2, 21, 37))):
         ours = train_step(fused, opt_fused, x, y, loss_fn, clip)
         theirs = _autograd_step(ref, opt_ref, x, y, loss_fn, clip)
         assert ours == pytest.approx(theirs, rel=1e-5)
