@@ -8,8 +8,8 @@ and OpenMP entry) than in its convolutions, so retrains did not get much cheaper
 one call what :func:`selfscale.train.train_step` does:
 
 1. the forward pass through every layer (the same kernels as :mod:`selfscale.direct`),
-2. the loss (``mae``, ``mse`` or ``f1`` of :data:`selfscale.metrics.LOSSES`, summed in double) and
-   its gradient times ReLU's,
+2. the loss (``mae``, ``mse`` or ``f1`` of :data:`selfscale.metrics.LOSSES`; 16 float lanes per
+   row, the rows added in double) and its gradient times ReLU's,
 3. the backward pass, zeroing the frozen masks' gradients (the layers' gradient hooks),
 4. gradient-norm clipping as ``torch.nn.utils.clip_grad_norm_`` (``--clip``), and
 5. Adam as ``torch.optim.Adam`` (no weight decay, no amsgrad): each parameter's step count,
@@ -18,8 +18,8 @@ one call what :func:`selfscale.train.train_step` does:
 
 updating the parameters, moments and step counts of the optimizer's own state in place, through
 their strides: checkpoints, resume and ``state_dict`` see an ordinary Adam. The result equals
-the autograd path to float rounding (the loss's sums are in double, the update's products may
-be fused), not bit for bit; one machine and thread count give one result. No ``.grad`` is left
+the autograd path to float rounding (the loss is summed in another order, the update's products
+may be fused), not bit for bit; one machine and thread count give one result. No ``.grad`` is left
 on the parameters. Anything else (another optimizer or option, hooks on a parameter or the
 optimizer, another loss, an input or target it does not cover) takes the autograd path.
 """
@@ -41,8 +41,6 @@ LOSS_CODES = {"mae": 0, "mse": 1, "f1": 2}
 """The losses ``ss_step`` computes, by name in :data:`selfscale.metrics.LOSSES`."""
 
 _OWN_HOOKS = (MaskedConv2d._mask_weight_grad, MaskedConv2d._mask_bias_grad)
-
-
 _CODE_OF = {LOSSES[name]: code for name, code in LOSS_CODES.items()}
 
 
