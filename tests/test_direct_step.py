@@ -237,3 +237,10 @@ def test_a_training_run_takes_the_one_call_step(image_folder, tmp_path):
     assert st.step == 3 and all(p.grad is None for p in st.model.parameters())
     assert float(st.optimizer.state[st.model.layers[0].weight]["step"]) == 3.0
     assert np.isfinite(st.history[-1]["loss"])
+
+
+def test_a_copy_of_a_network_without_gradients_can_be_made():
+    model = _net(CASES["thesis 5/5/1"]).requires_grad_(False)
+    twin = copy.deepcopy(model)
+    assert not twin.layers[0].weight._backward_hooks
+    assert torch.equal(twin.layers[0].weight, model.layers[0].weight)

@@ -102,10 +102,10 @@ class MaskedConv2d(nn.Conv2d):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copied parameter comes without the hooks of the one it copies: the frozen masks'
-        gradient hooks are registered again."""
+        gradient hooks are registered again (on parameters that take gradients)."""
         super().__setstate__(state)
         for p, hook in ((self.weight, self._mask_weight_grad), (self.bias, self._mask_bias_grad)):
-            if not p._backward_hooks:
+            if p.requires_grad and not p._backward_hooks:
                 p.register_hook(hook)
 
     def _derived(self, key: str, name: str, compute: Callable[[Tensor], Any]) -> Any:
