@@ -1,8 +1,9 @@
 // Direct 'same' convolutions for networks with few channels per layer (selfscale.direct).
 //
 // oneDNN's convolutions have a per-layer floor for 1-8 channels: a 1->1 5x5 layer costs almost
-// as much as a 5->5 one. These kernels hold one 16-float strip of up to 8 output channels in
-// registers and stream the input taps through it, so their cost follows the channel count.
+// as much as a 5->5 one. These kernels hold 16-float strips of up to 8 output channels (and of
+// two rows, for up to 4 channels) in registers and stream the input taps through them, so their
+// cost follows the channel count.
 //
 // Buffers are planar float32. A *padded* buffer has planes of (H + K - 1) rows of
 // Wp = ceil16(W) + K - 1 floats and is zero outside its interior [p, p + H) x [p, p + W),
@@ -24,63 +25,99 @@ struct Geo {                      // where plane c, row r, column x of a buffer 
   inline long at(long c, long r) const { return c * plane + r * row + off; }
 };
 
-// out[co, r, x] = epilogue(b[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] in[ci, r + ky, x + kx])
-// for XB strips of 16 columns from x0 of row r of one image; `in` is padded (off = 0).
+// out[co, r + j, x] = epilogue(b[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] in[ci, r + j + ky, x + kx])
+// for XB strips of 16 columns from x0 of RB rows r + j of one image; `in` is padded (off = 0).
 // mode 0: plain, 1: relu, 2: zero where ref <= 0 (ReLU's gradient), ref laid out like out.
-// CO x XB independent accumulators hide the FMA latency when CO is small.
-template <int CO, int XB>
+// RB x XB x CO independent accumulators hide the FMA latency when CO is small, and the RB rows
+// share each input row's loads. Every output sums over ci, then ky, then kx, in that order,
+// whatever RB and XB are. KC > 0: the kernel size, known at compile time (loops unrolled).
+template <int CO, int XB, int RB, int KC>
 static inline void fwd_strips(const float* in, Geo gi, const float* w, const float* b,
                               float* out, Geo go, const float* ref, int mode, const int* cos,
-                              const int* cis, int nci, int Cin, int K, int W, int r, int x0) {
+                              const int* cis, int nci, int Cin, int Kr, int W, int r, int x0) {
+  const int K = KC ? KC : Kr;
   const long wco = (long)Cin * K * K;
-  v16 acc[XB][CO];
+  v16 acc[RB][XB][CO];
   for (int c = 0; c < CO; c++) {
     const float bias = b ? b[cos[c]] : 0.f;
-    for (int s = 0; s < XB; s++) acc[s][c] = (v16){} + bias;
+    for (int j = 0; j < RB; j++)
+      for (int s = 0; s < XB; s++) acc[j][s][c] = (v16){} + bias;
   }
   for (int i = 0; i < nci; i++) {
     const int ci = cis[i];
     const float* base = in + gi.at(ci, r) + x0;
     const float* wb = w + (long)ci * K * K;
-    for (int ky = 0; ky < K; ky++) {
-      const float* row = base + (long)ky * gi.row;
+    for (int ir = 0; ir < K + RB - 1; ir++) {     // input row r + ir: tap ky = ir - j of row j
+      const float* row = base + (long)ir * gi.row;
       for (int kx = 0; kx < K; kx++) {
-        const int t = ky * K + kx;
-        for (int s = 0; s < XB; s++) {
-          const v16 v = ld(row + kx + 16 * s);
-          for (int c = 0; c < CO; c++) acc[s][c] += v * wb[cos[c] * wco + t];
+        v16 v[XB];
+        for (int s = 0; s < XB; s++) v[s] = ld(row + kx + 16 * s);
+        for (int j = 0; j < RB; j++) {
+          const int ky = ir - j;
+          if (ky < 0 || ky >= K) continue;
+          const int t = ky * K + kx;
+          for (int s = 0; s < XB; s++)
+            for (int c = 0; c < CO; c++) acc[j][s][c] += v[s] * wb[cos[c] * wco + t];
         }
       }
     }
   }
-  for (int s = 0; s < XB; s++) {
-    const int xs = x0 + 16 * s, n = std::min(16, W - xs);
-    for (int c = 0; c < CO; c++) {
-      v16 v = acc[s][c];
-      const long o = go.at(cos[c], r) + xs;
-      if (mode == 1) { const v16 z = {}; v = v < z ? z : v; }   // NaN passes, as in torch
-      if (mode == 2) { const v16 z = {}; v16 rv; std::memcpy(&rv, ref + o, 4 * n);
-                       if (n < 16) for (int j = n; j < 16; j++) rv[j] = 0.f;
-                       v = rv <= z ? z : v; }
-      if (n == 16) st(out + o, v); else std::memcpy(out + o, &v, 4 * n);
+  for (int j = 0; j < RB; j++)
+    for (int s = 0; s < XB; s++) {
+      const int xs = x0 + 16 * s, n = std::min(16, W - xs);
+      for (int c = 0; c < CO; c++) {
+        v16 v = acc[j][s][c];
+        const long o = go.at(cos[c], r + j) + xs;
+        if (mode == 1) { const v16 z = {}; v = v < z ? z : v; }   // NaN passes, as in torch
+        if (mode == 2) { const v16 z = {}; v16 rv; std::memcpy(&rv, ref + o, 4 * n);
+                         if (n < 16) for (int q = n; q < 16; q++) rv[q] = 0.f;
+                         v = rv <= z ? z : v; }
+        if (n == 16) st(out + o, v); else std::memcpy(out + o, &v, 4 * n);
+      }
     }
-  }
 }
 
-template <int CO>
-static void fwd_row(const float* in, Geo gi, const float* w, const float* b, float* out,
-                    Geo go, const float* ref, int mode, const int* cos, const int* cis, int nci,
-                    int Cin, int K, int W, int r) {
+template <int CO, int RB, int KC>
+static void fwd_rows_k(const float* in, Geo gi, const float* w, const float* b, float* out,
+                       Geo go, const float* ref, int mode, const int* cos, const int* cis,
+                       int nci, int Cin, int K, int W, int r) {
   constexpr int XB = CO <= 2 ? 4 : 2;
   int x0 = 0;
   for (; x0 + 16 * (XB - 1) < W; x0 += 16 * XB)
-    fwd_strips<CO, XB>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r, x0);
+    fwd_strips<CO, XB, RB, KC>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r,
+                               x0);
   for (; x0 < W; x0 += 16)
-    fwd_strips<CO, 1>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r, x0);
+    fwd_strips<CO, 1, RB, KC>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r,
+                              x0);
+}
+
+template <int CO, int RB>
+static void fwd_rows(const float* in, Geo gi, const float* w, const float* b, float* out,
+                     Geo go, const float* ref, int mode, const int* cos, const int* cis, int nci,
+                     int Cin, int K, int W, int r) {
+  if (K == 5)
+    fwd_rows_k<CO, RB, 5>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r);
+  else if (K == 3)
+    fwd_rows_k<CO, RB, 3>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r);
+  else
+    fwd_rows_k<CO, RB, 0>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r);
+}
+
+// Rows r and r + 1 (`rows` = 2) or row r alone: two rows a pass for up to 4 channels.
+template <int CO>
+static void fwd_row(const float* in, Geo gi, const float* w, const float* b, float* out,
+                    Geo go, const float* ref, int mode, const int* cos, const int* cis, int nci,
+                    int Cin, int K, int W, int r, int rows) {
+  if (CO <= 4 && rows == 2) {
+    fwd_rows<CO, 2>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r);
+    return;
+  }
+  for (int j = 0; j < rows; j++)
+    fwd_rows<CO, 1>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r + j);
 }
 
 typedef void (*fwd_fn)(const float*, Geo, const float*, const float*, float*, Geo, const float*,
-                       int, const int*, const int*, int, int, int, int, int);
+                       int, const int*, const int*, int, int, int, int, int, int);
 static const fwd_fn FWD[9] = {nullptr, fwd_row<1>, fwd_row<2>, fwd_row<3>, fwd_row<4>,
                               fwd_row<5>, fwd_row<6>, fwd_row<7>, fwd_row<8>};
 
@@ -120,17 +157,21 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
           flipped[(co * Cin + ci) * KK + t] = w[(ci * Cout + co) * KK + KK - 1 - t];
     w = flipped.data();
   }
+  const long pairs = (H + 1) / 2;                    // rows are taken two at a time
   #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long nr = 0; nr < (long)N * H; nr++) {
-    const long n = nr / H; const int r = (int)(nr % H);
+  for (long np = 0; np < (long)N * pairs; np++) {
+    const long n = np / pairs;
+    const int r = (int)(np % pairs) * 2, rows = std::min(2, H - r);
     const float* ni = in + n * Cin * in_plane;
     float* no = out + n * Cout * out_plane;
     const float* nref = ref ? ref + n * Cout * out_plane : nullptr;
     for (int c0 = 0; c0 < nco; c0 += 8) {
       const int cb = std::min(8, nco - c0);
-      FWD[cb](ni, gi, w, b, no, go, nref, mode, cos + c0, cis, nci, Cin, K, W, r);
+      FWD[cb](ni, gi, w, b, no, go, nref, mode, cos + c0, cis, nci, Cin, K, W, r, rows);
     }
-    if (pad >= 0) zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r);
+    if (pad >= 0)
+      for (int j = 0; j < rows; j++)
+        zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r + j);
   }
 }
 
