@@ -81,7 +81,7 @@ template <int CO, int RB, int KC>
 static void fwd_rows_k(const float* in, Geo gi, const float* w, const float* b, float* out,
                        Geo go, const float* ref, int mode, const int* cos, const int* cis,
                        int nci, int Cin, int K, int W, int r) {
-  constexpr int XB = CO <= 2 ? 4 : 2;
+  constexpr int XB = CO <= 2 || (CO == 3 && RB == 2) ? 4 : 2;   // 8-24 accumulators
   int x0 = 0;
   for (; x0 + 16 * (XB - 1) < W; x0 += 16 * XB)
     fwd_strips<CO, XB, RB, KC>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r,
