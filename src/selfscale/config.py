@@ -206,8 +206,9 @@ class TrainConfig:
     at the same thread count."""
     conv: str = "auto"
     """--conv: CPU convolution: direct (selfscale's kernels for narrow layers, compiled on first
-    use, with fused Adam; about 2.5x faster), torch (PyTorch's), or auto (direct when a C++
-    compiler builds it). Fixed when the run starts; the two agree to float rounding."""
+    use, with a whole training step in one call; about 3x faster), torch (PyTorch's), or auto
+    (direct when a C++ compiler builds it). Fixed when the run starts; the two agree to float
+    rounding."""
     checkpoint_every: int = 0
     """--checkpoint-every: also save the run state every N steps; 0 means at every evaluation."""
     snapshot_every: int = 0
