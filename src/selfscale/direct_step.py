@@ -102,6 +102,11 @@ def _state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> li
     return out
 
 
+def _same(a: Sequence, b: Sequence | None) -> bool:
+    """Whether two sequences hold the same objects (identity, not value)."""
+    return b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 def _prepared(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple | None:
     """(loss code, group, parameters, their state tensors) of a step ``ss_step`` runs, None for
@@ -124,13 +129,11 @@ def _prepared(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor
     # the state's tensors are checked once: the same objects keep their layout (the optimizer
     # holds the checked ones, so their ids cannot be reused)
     tensors = _state_tensors(optimizer, params)
-    checked = getattr(optimizer, "_ss_checked", None)
-    if checked is None or len(checked) != len(tensors) or any(
-            a is not b and (a is None or b is None or any(u is not v for u, v in zip(a, b)))
-            for a, b in zip(tensors, checked)):
+    flat = tuple(t for entry in tensors if entry for t in entry)
+    if not _same(flat, getattr(optimizer, "_ss_checked", None)):
         if any(not _plain_state(optimizer.state[p], p) for p, t in zip(params, tensors) if t):
             return None
-        optimizer._ss_checked = tensors
+        optimizer._ss_checked = flat
     return code, group, params, tensors
 
 
@@ -159,7 +162,7 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
                 optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
                                       "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
-        tensors = optimizer._ss_checked = _state_tensors(optimizer, params)
+        tensors = _state_tensors(optimizer, params)
     for p in params:
         p.grad = None
     layers = list(model.layers)
@@ -182,8 +185,7 @@ def _model_args(optimizer: torch.optim.Optimizer, model: FCN, params: list[Tenso
     updated in place; the cache holds them, so their ids and memory cannot be reused)."""
     objects = (*params, *(t for entry in tensors for t in entry), *actives, *frozen)
     cached = getattr(optimizer, "_ss_args", None)
-    if cached is not None and len(cached[0]) == len(objects) and all(
-            a is b for a, b in zip(cached[0], objects)):
+    if cached is not None and _same(objects, cached[0]):
         return cached[1]
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     args = (model.kernel, len(actives), _array(int_, [model.in_channels, *model.widths]),
