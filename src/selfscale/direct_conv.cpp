@@ -406,14 +406,14 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
             wc[wat[i] + ((co * chans[i] + ci) * K + ky) * K + kx] =
                 params[2 * i][co * s[0] + ci * s[1] + ky * s[2] + kx * s[3]];
   }
-  // planes of disabled masks are never read but are kept zero
-  for (int i = 1; i <= L; i++) {
-    if (nact[i - 1] == chans[i]) continue;
-    std::vector<char> on(chans[i], 0);
-    for (int j = 0; j < nact[i - 1]; j++) on[actives[i - 1][j]] = 1;
+  // the kernels read only the planes of enabled masks, except the loss, which reads every
+  // output plane: a disabled output mask's plane is zero (the workspace is reused)
+  if (nact[L - 1] != chans[L]) {
+    std::vector<char> on(chans[L], 0);
+    for (int j = 0; j < nact[L - 1]; j++) on[actives[L - 1][j]] = 1;
     for (long n = 0; n < N; n++)
-      for (int c = 0; c < chans[i]; c++)
-        if (!on[c]) std::memset(act + at[i] + (n * chans[i] + c) * plane, 0, sizeof(float) * plane);
+      for (int c = 0; c < chans[L]; c++)
+        if (!on[c]) std::memset(act + at[L] + (n * chans[L] + c) * plane, 0, sizeof(float) * plane);
   }
   // forward
   ss_pad_copy(x, xs[0], xs[1], xs[2], xs[3], nullptr, act, plane, row, p, N, chans[0], H, W,
