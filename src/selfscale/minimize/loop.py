@@ -5,7 +5,8 @@
 
 Masks are minimized first (by the chosen strategy, until it says stop), then whole hidden layers
 are tried (fewest active masks first). The loop's whole state is one :class:`Minimization`, saved
-after every decision, so a killed minimization resumes and ends exactly as an uninterrupted one.
+after every decision (:mod:`selfscale.minimize.state`), so a killed minimization resumes and ends
+exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from selfscale.config import MinimizeConfig
@@ -29,6 +29,7 @@ from selfscale.minimize.finish import finetune, near_dead_masks
 from selfscale.minimize.alter import (REMOVING_MODE, apply_mask_candidate, prunable_masks,
                                       remove_hidden_layer, removable_layers, unfreeze_others)
 from selfscale.minimize.proposal import Candidate, SelectionContext, Strategy
+from selfscale.minimize.state import Minimization, clone_state
 from selfscale.minimize.strategies import make_strategy
 from selfscale.model import dead_masks, mask_activity
 from selfscale.train import (EVAL_BATCH, TrainHooks, TrainSpec, TrainState, as_input,
@@ -37,96 +38,6 @@ from selfscale.train import (EVAL_BATCH, TrainHooks, TrainSpec, TrainState, as_i
 PHASES = ("free", "masks", "layers", "finetune", "done")
 JUDGE_EVALS = 4
 """--judge best, --abort-below: evaluations during each retrain."""
-
-
-@dataclass
-class Minimization:
-    """The minimization's whole state (its checkpoint)."""
-
-    config: MinimizeConfig
-    current: TrainState
-    """The last accepted network: the snapshot a failed change steps back to."""
-    origin: list[list[int]]
-    """For each current layer: [original layer index, original mask indices …]."""
-    orig_widths: list[int]
-    base_scores: dict[str, float]
-    reference: float
-    rng: np.random.Generator
-    step: int = 0
-    phase: str = "free"
-    free: list[tuple[int, int]] = field(default_factory=list)
-    """Nearly dead masks found at the start, tried first without retraining (minimize.finish)."""
-    finetune: dict[str, Any] | None = None
-    """Once the fine-tune started: its start step, length, and the scores before it."""
-    failed: list[Candidate] = field(default_factory=list)
-    tested: list[tuple[int, int]] = field(default_factory=list)
-    tried_layers: list[int] = field(default_factory=list)
-    strategy_state: dict[str, Any] = field(default_factory=dict)
-    log: list[dict[str, Any]] = field(default_factory=list)
-    steps_trained: int = 0
-    seconds: float = 0.0
-    standing: float = 1.0
-    """--judge paired, --reference base: the snapshot's judged ratio to the base (the product of
-    the paired ratios of the changes kept so far)."""
-    paired: dict[str, Any] | None = None
-    """--judge paired: the snapshot retrained (unchanged, on the trials' batches), by length."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(),
-            "current": self.current.to_dict(),
-            "origin": self.origin,
-            "orig_widths": self.orig_widths,
-            "base_scores": self.base_scores,
-            "reference": self.reference,
-            "rng": self.rng.bit_generator.state,
-            "step": self.step,
-            "phase": self.phase,
-            "free": [list(f) for f in self.free],
-            "finetune": self.finetune,
-            "failed": [c.to_plain() for c in self.failed],
-            "tested": [list(t) for t in self.tested],
-            "tried_layers": self.tried_layers,
-            "strategy_state": self.strategy_state,
-            "log": self.log,
-            "steps_trained": self.steps_trained,
-            "seconds": self.seconds,
-            "standing": self.standing,
-            "paired": self.paired,
-        }
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], device: torch.device) -> Minimization:
-        rng = np.random.default_rng()
-        rng.bit_generator.state = raw["rng"]
-        return cls(
-            config=MinimizeConfig(**raw["config"]),
-            current=TrainState.from_dict(raw["current"], device),
-            origin=[list(o) for o in raw["origin"]],
-            orig_widths=list(raw["orig_widths"]),
-            base_scores=dict(raw["base_scores"]),
-            reference=float(raw["reference"]),
-            rng=rng,
-            step=int(raw["step"]),
-            phase=str(raw["phase"]),
-            free=[(int(a), int(b)) for a, b in raw["free"]],
-            finetune=raw["finetune"],
-            failed=[Candidate.from_plain(item) for item in raw["failed"]],
-            tested=[(int(a), int(b)) for a, b in raw["tested"]],
-            tried_layers=[int(x) for x in raw["tried_layers"]],
-            strategy_state=dict(raw["strategy_state"]),
-            log=list(raw["log"]),
-            steps_trained=int(raw["steps_trained"]),
-            seconds=float(raw.get("seconds", 0.0)),
-            standing=float(raw.get("standing", 1.0)),
-            paired=raw.get("paired"),
-        )
-
-
-def clone_state(state: TrainState) -> TrainState:
-    """An independent copy: weights, switches, optimizer, generators, step and history."""
-    device = next(state.model.parameters()).device
-    return TrainState.from_dict(copy.deepcopy(state.to_dict()), device)
 
 
 def ratio(score: float, reference: float, metric: str) -> float:
