@@ -16,6 +16,11 @@ every peer then gets exactly those widths and N training steps:
   pruned: never the input, never the output layer (width 1).
 * ``cut-at-once``: selfscale's own choice (the masks the minimizer kept), removed from the base
   all at once.
+* ``cut-at-once-lineage``: the same cut, fine-tuned only for the steps the minimized network
+  itself went through after the base (its kept retrains and its fine-tune, ``lineage_steps``;
+  not the steps of stepped-back trials). Against ``selfscale`` this measures the path alone:
+  the same channels and training steps, a cut at once and one schedule against one mask at a
+  time, each followed by its own retrain.
 * ``scratch``: the same widths, freshly initialized and trained with the run's recipe. Its budget
   (``--scratch-budget``) is ``total`` by default, base steps + N: everything the selfscale network
   (and every pruned peer) has been trained in all; ``minimize`` gives it only N.
@@ -68,7 +73,7 @@ TP_MISSING = "benchmarks/peers.py needs Torch-Pruning: pip install 'selfscale[be
 TP_METHODS = {"tp-taylor": "TaylorImportance", "tp-l1": "MagnitudeImportance(p=1)",
               "tp-random": "RandomImportance"}
 """Torch-Pruning's importance criteria compared, by the method name used in files and tables."""
-METHODS = ("selfscale", *TP_METHODS, "cut-at-once", "scratch")
+METHODS = ("selfscale", *TP_METHODS, "cut-at-once", "cut-at-once-lineage", "scratch")
 PEERS = METHODS[1:]
 TAYLOR_CROPS = 32
 """Training crops (the run's training crop size, seeded) whose loss gradient scores Taylor."""
@@ -132,6 +137,21 @@ def score_text(row: dict[str, Any] | None) -> str:
         return "–"
     same = row["method"] in TP_METHODS and row.get("same_channels")
     return f"{row['f1']:.3f}" + (" (=)" if same else "")
+
+
+def lineage_text(by: dict[str, dict[str, Any]]) -> str:
+    row = by.get("cut-at-once-lineage")
+    return "?" if row is None or "steps" not in row else str(row["steps"])
+
+
+def lineage_steps(mdir: Path) -> int:
+    """Training steps the minimized network itself went through after the base: the retrains of
+    the changes it kept and its fine-tune, unless that was undone (``mdir``: a run's
+    ``minimize/`` folder). Stepped-back trials, paired and oracle retrains are not in it."""
+    log = [json.loads(line) for line in (mdir / "decisions.jsonl").read_text().splitlines()]
+    s = json.loads((mdir / "summary.json").read_text())
+    return (sum(d["steps_trained"] for d in log if d["kept"])
+            + (s["finetune_steps"] if s["finetune_kept"] is not False else 0))
 
 
 # --- networks -----------------------------------------------------------------------------------
@@ -334,8 +354,10 @@ def peer_job(job: dict[str, Any]) -> dict[str, Any]:
         steps = budget
     else:
         base = run.state.model
-        if method == "cut-at-once":
+        if method.startswith("cut-at-once"):
             model, matrix = cut_at_once(base, mini["mask_matrix"]), mini["mask_matrix"]
+            if method == "cut-at-once-lineage":
+                steps = lineage_steps(Path(job["minimized_dir"]) / "minimize")
         else:
             spec = run.spec()
             x, y = sample_batch(data.train, np.random.default_rng([job["seed"], 5]),
@@ -359,8 +381,9 @@ def _key(job: dict[str, Any]) -> dict[str, Any]:
 
 # --- tables -------------------------------------------------------------------------------------
 TABLE_HEAD = ("| task | seed | threshold | selfscale widths | selfscale F1 | TP Taylor F1 | "
-              "TP L1 F1 | TP random F1 | selfscale choice cut at once F1 | from scratch F1 | "
-              "total steps |\n|---|---|---|---|---|---|---|---|---|---|---|")
+              "TP L1 F1 | TP random F1 | selfscale choice cut at once F1 | the same, lineage "
+              "steps F1 | from scratch F1 | total steps | lineage steps |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def group_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[str, Any]]]:
@@ -378,7 +401,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         own = by["selfscale"]
         lines.append(f"| {task} | {seed} | {threshold:.2f} | {widths_text(own['widths'])} | "
                      + " | ".join(score_text(by.get(m)) for m in METHODS)
-                     + f" | {own['steps']} |")
+                     + f" | {own['steps']} | {lineage_text(by)} |")
     return "\n".join(lines)
 
 
@@ -422,8 +445,11 @@ def report(rows: list[dict[str, Any]], scratch_budget: str) -> str:
                else "total steps")
     note = ("Total steps: training steps the minimization spent after the base (retrains, "
             "trials, fine-tune); every pruned peer and cut-at-once is fine-tuned for as many "
-            f"from the same base. From scratch trains the same widths for {scratch}. (=): the "
-            "Torch-Pruning criterion kept exactly the channels selfscale kept.")
+            f"from the same base. Lineage steps: those the minimized network itself went "
+            "through (kept retrains and fine-tune); 'the same, lineage steps' is selfscale's "
+            f"choice cut at once and trained that long. From scratch trains the same widths for "
+            f"{scratch}. (=): the Torch-Pruning criterion kept exactly the channels selfscale "
+            "kept.")
     return "\n".join([table(rows), "", note, "", *summary_lines(rows)])
 
 
@@ -511,6 +537,7 @@ def benchmark(args: argparse.Namespace, thresholds: list[float], extra: dict[str
                              f"collide in {out} (runs: {', '.join(bases)})")
         rows = _run_all(pool, minimize_job, jobs, t0)
         peer_jobs = [{**job, "method": m, "minimized": r, "scratch_budget": args.scratch_budget,
+                      "minimized_dir": job["target"],
                       "target": str(out / f"{job['name']}-scratch"),
                       "result": str(out / "jobs" / f"{job['name']}-{m}.json")}
                      for job, r in zip(jobs, rows) for m in PEERS]

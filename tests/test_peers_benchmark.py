@@ -50,15 +50,34 @@ def _rows(f1s: dict[str, float], seed: int = 0) -> list[dict]:
 
 def test_table_and_summary_layout(peers):
     scores = {"selfscale": 0.71, "tp-taylor": 0.70, "tp-l1": 0.69, "tp-random": 0.60,
-              "cut-at-once": 0.68, "scratch": 0.72}
+              "cut-at-once": 0.68, "cut-at-once-lineage": 0.66, "scratch": 0.72}
     rows = _rows(scores, 0) + _rows({**scores, "selfscale": 0.65}, 1)
+    for r in rows:
+        if r["method"] == "cut-at-once-lineage":
+            r["steps"] = 4500
     text = peers.table(rows)
     assert text.splitlines()[0].startswith("| task | seed | threshold | selfscale widths |")
-    assert "| sobel | 0 | 0.90 | 4/3/1 | 0.710 | 0.700 | 0.690 | 0.600 | 0.680 | 0.720 | 7000 |" \
-        in text
+    assert text.splitlines()[0].count("|") == text.splitlines()[1].count("|") == 14
+    assert ("| sobel | 0 | 0.90 | 4/3/1 | 0.710 | 0.700 | 0.690 | 0.600 | 0.680 | 0.660 | 0.720 "
+            "| 7000 | 4500 |") in text
     (line,) = peers.summary_lines(rows)
     assert "selfscale 0.680" in line and "best Torch-Pruning (tp-taylor 0.700): no" in line
     assert "per seed 1/2" in line
+
+
+def test_lineage_steps_count_kept_retrains_and_a_kept_finetune(peers, tmp_path):
+    """Kept retrains (a free removal trains 0) plus the fine-tune; stepped-back trials are not
+    counted, nor is a fine-tune that was undone."""
+    import json
+
+    log = [{"kept": True, "steps_trained": 0}, {"kept": True, "steps_trained": 3500},
+           {"kept": False, "steps_trained": 3500}, {"kept": True, "steps_trained": 3500},
+           {"kept": False, "steps_trained": 875}]
+    (tmp_path / "decisions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in log))
+    for kept, want in ((True, 14000), (None, 14000), (False, 7000)):
+        (tmp_path / "summary.json").write_text(json.dumps({"finetune_steps": 7000,
+                                                           "finetune_kept": kept}))
+        assert peers.lineage_steps(tmp_path) == want
 
 
 def test_summary_means_cover_the_same_seeds(peers):
