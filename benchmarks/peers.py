@@ -445,9 +445,9 @@ def report(rows: list[dict[str, Any]], scratch_budget: str) -> str:
                else "total steps")
     note = ("Total steps: training steps the minimization spent after the base (retrains, "
             "trials, fine-tune); every pruned peer and cut-at-once is fine-tuned for as many "
-            f"from the same base. Lineage steps: those the minimized network itself went "
+            "from the same base. Lineage steps: those the minimized network itself went "
             "through (kept retrains and fine-tune); 'the same, lineage steps' is selfscale's "
-            f"choice cut at once and trained that long. From scratch trains the same widths for "
+            "choice cut at once and trained that long. From scratch trains the same widths for "
             f"{scratch}. (=): the Torch-Pruning criterion kept exactly the channels selfscale "
             "kept.")
     return "\n".join([table(rows), "", note, "", *summary_lines(rows)])
