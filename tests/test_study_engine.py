@@ -147,3 +147,53 @@ def test_a_plan_merges_equal_duplicates_and_puts_needed_trials_first():
                        {"id": "b", "kind": "train", "w": [5, 5, 1]}])
     assert [t["id"] for t in plan] == ["b", "d"] and plan[0]["w"] == [5, 5, 1]
     assert json.loads(json.dumps(plan)) == plan
+
+
+def where_execute(trial: dict, needed: dict | None) -> dict:
+    """A stand-in trial that reports the worker it ran on (dependents wait a little, so that
+    both would be waiting at once on the base's worker if they were sent there)."""
+    import time
+
+    from distributed import get_worker
+
+    if needed is not None:
+        time.sleep(0.5)
+    return {"result": {"worker": get_worker().address}, "files": {"f": b"x"}}
+
+
+class _Recorder:
+    """The client, recording when each trial is submitted and how needed outputs are sent."""
+
+    def __init__(self, client, study: Path):
+        self.client, self.study, self.calls = client, study, []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def submit(self, fn, execute, trial, arg, **kw):
+        self.calls.append(("submit", trial["id"], (self.study / "trials" / "b.json").exists()))
+        return self.client.submit(fn, execute, trial, arg, **kw)
+
+    def scatter(self, data, **kw):
+        self.calls.append(("scatter", kw.get("broadcast"), None))
+        return self.client.scatter(data, **kw)
+
+
+def test_dependents_start_after_their_base_with_its_output_on_every_worker(client, tmp_path):
+    """Dask runs a task where its input already is: a base's output held by one worker would
+    queue all its dependents there. They are submitted once the base is done (its record
+    written), with its output sent to every worker, and so run on both."""
+    study = tmp_path / "study"
+    plan = [{"id": "b", "kind": "train"}, *({"id": f"d{j}", "kind": "minimize", "needs": "b"}
+                                           for j in (1, 2))]
+    rec = _Recorder(client, study)
+    out = run_trials(rec, plan, study, execute=where_execute)
+    assert out.done == 3
+    assert rec.calls == [("submit", "b", False), ("scatter", True, None),
+                         ("submit", "d1", True), ("submit", "d2", True)]
+    records = load_records(study)
+    assert {records[d]["result"]["worker"] for d in ("d1", "d2")} == set(client.nthreads())
+    (study / "trials" / "d2.json").unlink()  # resumed: the stored base goes to every worker too
+    rec.calls.clear()
+    assert run_trials(rec, plan, study, execute=where_execute).done == 1
+    assert rec.calls == [("scatter", True, None), ("submit", "d2", True)]

@@ -22,12 +22,12 @@ two trials that need the same network (same config and seed) need the same trial
 JSON, each atomically with :func:`selfscale.checkpoint.atomic_write_bytes`), so a trial's JSON is
 there exactly when the trial is finished, and nothing assumes a disk shared with the workers.
 
-**The base cache.** A needed trial is trained once per study. Within one invocation its Dask
-future is the argument of every trial that needs it: Dask runs it once, keeps its output while
-dependents wait, and moves it to whichever worker runs them, so dependents start as soon as their
-own base is done (no wave barrier). The client also stores it (``bases/ID/``) the moment it
-finishes; a later invocation does not train it again but scatters the stored output to the
-cluster once and passes that to the dependents still to run.
+**The base cache.** A needed trial is trained once per study. Its dependents are submitted the
+moment it finishes (no wave barrier), with its output copied to every worker once: Dask runs a
+task where its input data already is, so with the output on one worker only, all of a base's
+dependents would queue on the worker that trained it while others idle. The client also stores
+it (``bases/ID/``) the moment it finishes; a later invocation does not train it again but sends
+the stored output to every worker once and passes that to the dependents still to run.
 
 **Failures.** A trial that raises is recorded as failed with its error and traceback while the
 others go on; trials that need it are recorded as failed naming it. A trial whose worker dies is
@@ -223,23 +223,20 @@ def _running(client, keys: set[str], threads: int) -> int:
     return min(busy, threads)
 
 
-def _submit(client, todo: list[dict[str, Any]], by_id: dict[str, dict[str, Any]],
-            records: dict[str, Any], directory: Path, execute: Callable) -> dict[str, Any]:
-    """One Dask future per trial to run; a needed trial's future (or, when it finished before,
-    its stored output scattered once) is the argument of the trials that need it."""
-    needed = {t["needs"] for t in todo if t.get("needs")}
-    futures: dict[str, Any] = {}
-    for trial in todo:
-        need, arg = trial.get("needs"), None
-        if need is not None:
-            if need not in futures:  # finished before: its stored output, sent once
-                futures[need] = client.scatter(
-                    [stored_output(directory, by_id[need], records[need])], hash=False)[0]
-            arg = futures[need]
-        futures[trial["id"]] = client.submit(
-            _on_worker, execute, trial, arg, key=f"{trial['id']}-{uuid.uuid4().hex[:8]}",
-            pure=False, priority=1 if trial["id"] in needed else 0)
-    return futures
+def _broadcast(client, output: dict[str, Any]):
+    """A needed trial's output on every worker (one future), so each dependent can run on
+    whichever worker is free."""
+    return client.scatter([output], broadcast=True, hash=False)[0]
+
+
+def _submit(client, trials: list[dict[str, Any]], needed: set[str], execute: Callable,
+            inputs: dict[str, Any]) -> dict[str, Any]:
+    """One Dask future per trial; a trial that needs another gets that one's broadcast output
+    (``inputs``) as its argument."""
+    return {trial["id"]: client.submit(
+        _on_worker, execute, trial, inputs.get(trial.get("needs")),
+        key=f"{trial['id']}-{uuid.uuid4().hex[:8]}", pure=False,
+        priority=1 if trial["id"] in needed else 0) for trial in trials}
 
 
 def _record(directory: Path, trial: dict[str, Any], future, failed: set[str]) -> str | None:
@@ -256,6 +253,19 @@ def _record(directory: Path, trial: dict[str, Any], future, failed: set[str]) ->
         "id": trial["id"], "kind": trial["kind"], "status": "failed", "trial": trial,
         "error": error, "traceback": "".join(traceback.format_exception(exc))[-4000:],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return error
+
+
+def _unrun(directory: Path, trial: dict[str, Any], need: str, status: str | None,
+           failed: set[str]) -> str | None:
+    """Record a trial whose needed trial failed (its error names that one); None, recording
+    nothing, when the needed trial was lost (both run again next time)."""
+    if status is None:
+        return None
+    error = _error_text(trial, None, failed | {need})
+    _write_record(directory, trial, {
+        "id": trial["id"], "kind": trial["kind"], "status": "failed", "trial": trial,
+        "error": error, "traceback": "", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return error
 
 
@@ -278,18 +288,40 @@ def run_trials(client, trials: Iterable[dict[str, Any]], directory: Path, *,
     records = {t["id"]: read_record(trial_file(directory, t["id"])) for t in plan}
     todo = [t for t in plan if not is_finished(records[t["id"]], t, directory)]
     outcome = Outcome(planned=len(plan), skipped=len(plan) - len(todo))
-    futures = _submit(client, todo, by_id, records, directory, execute)
-    pending = {futures[t["id"]].key: t["id"] for t in todo}
-    dependents = {t["needs"] for t in todo if t.get("needs")}
+    to_run = {t["id"] for t in todo}
+    needed = {t["needs"] for t in todo if t.get("needs")}
+    held: dict[str, list[dict[str, Any]]] = {}  # dependents of a base still to run, by base
+    for t in todo:
+        if t.get("needs") in to_run:
+            held.setdefault(t["needs"], []).append(t)
+    inputs = {need: _broadcast(client, stored_output(directory, by_id[need], records[need]))
+              for need in needed - to_run}  # finished before: the stored output, sent once
+    futures = _submit(client, [t for t in todo if t.get("needs") not in to_run], needed, execute,
+                      inputs)
+    pending = {f.key: tid for tid, f in futures.items()}
     progress, failed = Progress(total=len(todo)), set()
     threads = max(sum(client.nthreads().values()), 1)
-    finished = as_completed([futures[t["id"]] for t in todo])
+    finished = as_completed(list(futures.values()))
     while not finished.is_empty():
         batch = finished.next_batch(block=False)
         batch.sort(key=lambda f: by_id[pending[f.key]].get("needs") is not None)  # bases first
         for future in batch:
             trial = by_id[pending.pop(future.key)]
             status = _record(directory, trial, future, failed)
+            waiting = held.pop(trial["id"], [])
+            if status == "done" and waiting:  # its dependents, on any worker
+                inputs[trial["id"]] = _broadcast(client, future.result())
+                for tid, dep in _submit(client, waiting, needed, execute, inputs).items():
+                    pending[dep.key] = tid
+                    finished.add(dep)
+            elif waiting:  # it failed or was lost: so are they, without running
+                for dep in waiting:
+                    status_dep = _unrun(directory, dep, trial["id"], status, failed)
+                    if status_dep is None:
+                        outcome.lost += 1
+                    else:
+                        progress.failed += 1
+                        outcome.failures.append((dep["id"], status_dep))
             if status == "done":
                 progress.done += 1
             elif status is None:
@@ -298,8 +330,11 @@ def run_trials(client, trials: Iterable[dict[str, Any]], directory: Path, *,
                 progress.failed += 1
                 failed.add(trial["id"])
                 outcome.failures.append((trial["id"], status))
-            if trial["id"] not in dependents:
-                futures.pop(trial["id"], None)  # let Dask forget its output
+            futures.pop(trial["id"], None)  # let Dask forget its output
+            need = trial.get("needs")
+            if need in inputs and not any(by_id[t].get("needs") == need
+                                          for t in pending.values()):
+                del inputs[need]  # its last dependent ended: the copies go too
         progress.running = _running(client, set(pending), threads)
         if on_progress is not None:
             on_progress(progress)
