@@ -48,6 +48,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,21 +240,27 @@ def _submit(client, trials: list[dict[str, Any]], needed: set[str], execute: Cal
         priority=1 if trial["id"] in needed else 0) for trial in trials}
 
 
-def _record(directory: Path, trial: dict[str, Any], future, failed: set[str]) -> str | None:
-    """Write a finished future's trial file: "done", or the error of a failed trial (None when
-    the future was cancelled: the trial runs again next time)."""
+def _record(directory: Path, trial: dict[str, Any], future,
+            failed: set[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """Write a finished future's trial file. Returns ("done", its output), or (the error of a
+    failed trial, None), or (None, None) when the future was cancelled: the trial runs again
+    next time."""
     if future.status == "finished":
-        _write_done(directory, trial, future.result())
-        return "done"
+        out = future.result()
+        _write_done(directory, trial, out)
+        return "done", out
     if future.status != "error":
-        return None
+        return None, None
     exc = future.exception()
     error = _error_text(trial, exc, failed)
+    _write_failed(directory, trial, error, "".join(traceback.format_exception(exc))[-4000:])
+    return error, None
+
+
+def _write_failed(directory: Path, trial: dict[str, Any], error: str, trace: str) -> None:
     _write_record(directory, trial, {
         "id": trial["id"], "kind": trial["kind"], "status": "failed", "trial": trial,
-        "error": error, "traceback": "".join(traceback.format_exception(exc))[-4000:],
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return error
+        "error": error, "traceback": trace, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _unrun(directory: Path, trial: dict[str, Any], need: str, status: str | None,
@@ -263,9 +270,7 @@ def _unrun(directory: Path, trial: dict[str, Any], need: str, status: str | None
     if status is None:
         return None
     error = _error_text(trial, None, failed | {need})
-    _write_record(directory, trial, {
-        "id": trial["id"], "kind": trial["kind"], "status": "failed", "trial": trial,
-        "error": error, "traceback": "", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    _write_failed(directory, trial, error, "")
     return error
 
 
@@ -294,6 +299,7 @@ def run_trials(client, trials: Iterable[dict[str, Any]], directory: Path, *,
     for t in todo:
         if t.get("needs") in to_run:
             held.setdefault(t["needs"], []).append(t)
+    left = Counter(t["needs"] for t in todo if t.get("needs"))  # dependents yet to end, by base
     inputs = {need: _broadcast(client, stored_output(directory, by_id[need], records[need]))
               for need in needed - to_run}  # finished before: the stored output, sent once
     futures = _submit(client, [t for t in todo if t.get("needs") not in to_run], needed, execute,
@@ -307,10 +313,10 @@ def run_trials(client, trials: Iterable[dict[str, Any]], directory: Path, *,
         batch.sort(key=lambda f: by_id[pending[f.key]].get("needs") is not None)  # bases first
         for future in batch:
             trial = by_id[pending.pop(future.key)]
-            status = _record(directory, trial, future, failed)
+            status, out = _record(directory, trial, future, failed)
             waiting = held.pop(trial["id"], [])
             if status == "done" and waiting:  # its dependents, on any worker
-                inputs[trial["id"]] = _broadcast(client, future.result())
+                inputs[trial["id"]] = _broadcast(client, out)
                 for tid, dep in _submit(client, waiting, needed, execute, inputs).items():
                     pending[dep.key] = tid
                     finished.add(dep)
@@ -332,9 +338,10 @@ def run_trials(client, trials: Iterable[dict[str, Any]], directory: Path, *,
                 outcome.failures.append((trial["id"], status))
             futures.pop(trial["id"], None)  # let Dask forget its output
             need = trial.get("needs")
-            if need in inputs and not any(by_id[t].get("needs") == need
-                                          for t in pending.values()):
-                del inputs[need]  # its last dependent ended: the copies go too
+            if need is not None:
+                left[need] -= 1
+                if not left[need]:
+                    inputs.pop(need, None)  # its last dependent ended: the copies go too
         progress.running = _running(client, set(pending), threads)
         if on_progress is not None:
             on_progress(progress)
