@@ -109,8 +109,8 @@ def _same(a: Sequence, b: Sequence | None) -> bool:
 
 def _prepared(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple | None:
-    """(loss code, group, parameters, their state tensors) of a step ``ss_step`` runs, None for
-    any other."""
+    """(loss code, group, layers, parameters, their state tensors) of a step ``ss_step`` runs,
+    None for any other."""
     code = _CODE_OF.get(loss_fn)
     if code is None or not torch.is_grad_enabled() or not direct.applicable(model, x):
         return None
@@ -134,7 +134,7 @@ def _prepared(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor
         if any(not _plain_state(optimizer.state[p], p) for p, t in zip(params, tensors) if t):
             return None
         optimizer._ss_checked = flat
-    return code, group, params, tensors
+    return code, group, layers, params, tensors
 
 
 def applicable(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
@@ -155,7 +155,7 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
     prepared = _prepared(model, optimizer, x, y, loss_fn)
     if prepared is None:
         return None
-    code, group, params, tensors = prepared
+    code, group, layers, params, tensors = prepared
     if not all(tensors):  # as Adam's first step creates them
         for p, t in zip(params, tensors):
             if t is None:
@@ -165,7 +165,6 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
         tensors = _state_tensors(optimizer, params)
     for p in params:
         p.grad = None
-    layers = list(model.layers)
     actives = [layer.active_indices() for layer in layers]
     frozen = [None if layer._all("frozen", False) else layer.frozen for layer in layers]
     n, _, h, w = x.shape
