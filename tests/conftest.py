@@ -32,6 +32,19 @@ def device(request) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _cpu_unless_asked(request, monkeypatch):
+    """Every test runs on the CPU, on a GPU machine too: ``--device auto`` (the default) finds no
+    CUDA device, in this process and in the processes a test starts. Only the tests that take
+    the ``device`` fixture under ``pytest --device cuda`` see the GPU."""
+    import torch
+
+    if "device" in request.fixturenames and request.config.getoption("--device") == "cuda":
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """No test writes to ~/.cache: the default data cache points into the test's tmp_path."""
     monkeypatch.setenv("SELFSCALE_CACHE", str(tmp_path / "selfscale-cache"))

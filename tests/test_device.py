@@ -3,6 +3,7 @@
 minimization whose retrains run on the active channels, evaluate, export and predict."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -95,3 +96,14 @@ def test_minimize_evaluate_export_predict_on_the_device(trained, images, device,
     from PIL import Image
     assert np.asarray(Image.open(pngs[0])).shape == (36, 40)
     shutil.rmtree(out)
+
+
+def test_the_other_tests_run_on_the_cpu_on_a_gpu_machine_too():
+    """conftest hides CUDA from every test that does not take ``device`` under ``pytest --device
+    cuda``, here and in the processes it starts: on a GPU machine five tests that rely on
+    ``--device auto`` meaning the CPU (the recorded --conv, exact resume in a subprocess) failed."""
+    from selfscale.train import resolve_device
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert not torch.cuda.is_available()
+    assert resolve_device("auto").type == "cpu"
