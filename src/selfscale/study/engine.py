@@ -263,12 +263,9 @@ def _write_failed(directory: Path, trial: dict[str, Any], error: str, trace: str
         "error": error, "traceback": trace, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _unrun(directory: Path, trial: dict[str, Any], need: str, status: str | None,
-           failed: set[str]) -> str | None:
-    """Record a trial whose needed trial failed (its error names that one); None, recording
-    nothing, when the needed trial was lost (both run again next time)."""
-    if status is None:
-        return None
+def _unrun(directory: Path, trial: dict[str, Any], need: str, failed: set[str]) -> str:
+    """Record a trial whose needed trial failed, without running it; returns its error, which
+    names that one."""
     error = _error_text(trial, None, failed | {need})
     _write_failed(directory, trial, error, "")
     return error
@@ -320,14 +317,13 @@ def run_trials(client, trials: Iterable[dict[str, Any]], directory: Path, *,
                 for tid, dep in _submit(client, waiting, needed, execute, inputs).items():
                     pending[dep.key] = tid
                     finished.add(dep)
-            elif waiting:  # it failed or was lost: so are they, without running
+            elif waiting and status is None:  # it was lost: so are they (both run next time)
+                outcome.lost += len(waiting)
+            elif waiting:  # it failed: so do they, without running
                 for dep in waiting:
-                    status_dep = _unrun(directory, dep, trial["id"], status, failed)
-                    if status_dep is None:
-                        outcome.lost += 1
-                    else:
-                        progress.failed += 1
-                        outcome.failures.append((dep["id"], status_dep))
+                    progress.failed += 1
+                    outcome.failures.append((dep["id"], _unrun(directory, dep, trial["id"],
+                                                               failed)))
             if status == "done":
                 progress.done += 1
             elif status is None:
