@@ -49,6 +49,7 @@ CASES = {
     "two strip groups and one more": {"widths": (5, 1), "shape": (2, 1, 7, 80)},
     "k=3, four layers, 9 wide": {"widths": (3, 7, 9, 1), "kernel": 3, "shape": (2, 1, 17, 33)},
     "k=7, RGB input": {"widths": (4, 1), "kernel": 7, "in_channels": 3, "shape": (1, 3, 19, 16)},
+    "k=7, strips shifted in registers": {"widths": (3, 2, 1), "kernel": 7, "shape": (1, 1, 11, 45)},
     "narrower than one strip": {"widths": (2, 2, 1), "shape": (2, 1, 9, 5)},
     "a whole layer off": {"widths": (3, 2, 1), "off": ((1, 0), (1, 1)), "shape": (1, 1, 12, 20)},
     "k=1": {"widths": (4, 1), "kernel": 1, "shape": (2, 1, 9, 18)},

@@ -19,6 +19,67 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 static inline v16 ld(const float* p) { return *(const v16u*)p; }
 static inline void st(float* p, v16 v) { *(v16u*)p = v; }
+static inline v16 ld_n(const float* p, int n) {   // n <= 16 floats, the rest 0
+  if (n == 16) return ld(p);
+  v16 v = {};
+  std::memcpy(&v, p, 4 * n);
+  return v;
+}
+
+// Floats s .. s + 15 of the 32 in (a, b), 0 <= s < 16: a strip shifted right by s columns,
+// made from two loaded strips instead of loaded across a cache line (s is a constant once the
+// tap loops are unrolled).
+typedef int v16i __attribute__((vector_size(64)));
+template <int S>
+static inline v16 shifted_c(v16 a, v16 b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, S, S + 1, S + 2, S + 3, S + 4, S + 5, S + 6, S + 7, S + 8,
+                                 S + 9, S + 10, S + 11, S + 12, S + 13, S + 14, S + 15);
+#else
+  return __builtin_shuffle(a, b, (v16i){S, S + 1, S + 2, S + 3, S + 4, S + 5, S + 6, S + 7,
+                                        S + 8, S + 9, S + 10, S + 11, S + 12, S + 13, S + 14,
+                                        S + 15});
+#endif
+}
+static inline v16 shifted(v16 a, v16 b, int s) {
+  switch (s) {
+    case 0: return a;
+    case 1: return shifted_c<1>(a, b);
+    case 2: return shifted_c<2>(a, b);
+    case 3: return shifted_c<3>(a, b);
+    case 4: return shifted_c<4>(a, b);
+    case 5: return shifted_c<5>(a, b);
+    default: return shifted_c<6>(a, b);
+  }
+}
+// The same for a row's last strip a, whose row ends K - 1 floats after it: t holds the row's
+// last 16 floats, so float 16 + m of (a, next strip) is t[m + 17 - K].
+#define SS_T(j) (S + j < 16 ? S + j : S + j + 17 - K)
+template <int S, int K>
+static inline v16 shifted_end_c(v16 a, v16 t) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, t, SS_T(0), SS_T(1), SS_T(2), SS_T(3), SS_T(4), SS_T(5),
+                                 SS_T(6), SS_T(7), SS_T(8), SS_T(9), SS_T(10), SS_T(11),
+                                 SS_T(12), SS_T(13), SS_T(14), SS_T(15));
+#else
+  return __builtin_shuffle(a, t, (v16i){SS_T(0), SS_T(1), SS_T(2), SS_T(3), SS_T(4), SS_T(5),
+                                        SS_T(6), SS_T(7), SS_T(8), SS_T(9), SS_T(10), SS_T(11),
+                                        SS_T(12), SS_T(13), SS_T(14), SS_T(15)});
+#endif
+}
+#undef SS_T
+template <int K>
+static inline v16 shifted_end(v16 a, v16 t, int s) {
+  switch (s) {
+    case 0: return a;
+    case 1: return shifted_end_c<1, K>(a, t);
+    case 2: return shifted_end_c<2, K>(a, t);
+    case 3: return shifted_end_c<3, K>(a, t);
+    case 4: return shifted_end_c<4, K>(a, t);
+    case 5: return shifted_end_c<5, K>(a, t);
+    default: return shifted_end_c<6, K>(a, t);
+  }
+}
 
 struct Geo {                      // where plane c, row r, column x of a buffer lies
   long plane, row, off;           // floats per plane, per row; offset of (0, 0)
@@ -37,6 +98,11 @@ static inline void fwd_strips(const float* in, Geo gi, const float* w, const flo
                               const int* cis, int nci, int Cin, int Kr, int W, int r, int x0) {
   const int K = KC ? KC : Kr;
   const long wco = (long)Cin * K * K;
+  const int Wr = (W + 15) / 16 * 16;
+  const bool at_end = x0 + 16 * XB >= Wr;   // the row ends K - 1 floats after these strips
+  // one output channel: a strip shifted by kx is made from two loaded ones (a shuffle) rather
+  // than loaded across a cache line, the loads being the bound; more channels bind on the FMAs
+  constexpr bool shift = KC > 0 && CO == 1;
   v16 acc[RB][XB][CO];
   for (int c = 0; c < CO; c++) {
     const float bias = b ? b[cos[c]] : 0.f;
@@ -49,9 +115,20 @@ static inline void fwd_strips(const float* in, Geo gi, const float* w, const flo
     const float* wb = w + (long)ci * K * K;
     for (int ir = 0; ir < K + RB - 1; ir++) {     // input row r + ir: tap ky = ir - j of row j
       const float* row = base + (long)ir * gi.row;
+      v16 ch[XB + 1];
+      if (shift) {
+        for (int s = 0; s < XB; s++) ch[s] = ld(row + 16 * s);
+        ch[XB] = at_end ? ld(row + Wr - x0 + K - 17) : ld(row + 16 * XB);
+      }
       for (int kx = 0; kx < K; kx++) {
         v16 v[XB];
-        for (int s = 0; s < XB; s++) v[s] = ld(row + kx + 16 * s);
+        if (shift) {
+          for (int s = 0; s < XB - 1; s++) v[s] = shifted(ch[s], ch[s + 1], kx);
+          v[XB - 1] = at_end ? shifted_end<KC ? KC : 1>(ch[XB - 1], ch[XB], kx)
+                             : shifted(ch[XB - 1], ch[XB], kx);
+        } else {
+          for (int s = 0; s < XB; s++) v[s] = ld(row + kx + 16 * s);
+        }
         for (int j = 0; j < RB; j++) {
           const int ky = ir - j;
           if (ky < 0 || ky >= K) continue;
@@ -69,9 +146,7 @@ static inline void fwd_strips(const float* in, Geo gi, const float* w, const flo
         v16 v = acc[j][s][c];
         const long o = go.at(cos[c], r + j) + xs;
         if (mode == 1) { const v16 z = {}; v = v < z ? z : v; }   // NaN passes, as in torch
-        if (mode == 2) { const v16 z = {}; v16 rv; std::memcpy(&rv, ref + o, 4 * n);
-                         if (n < 16) for (int q = n; q < 16; q++) rv[q] = 0.f;
-                         v = rv <= z ? z : v; }
+        if (mode == 2) { const v16 z = {}; v = ld_n(ref + o, n) <= z ? z : v; }
         if (n == 16) st(out + o, v); else std::memcpy(out + o, &v, 4 * n);
       }
     }
@@ -215,11 +290,25 @@ static void wgrad_row_k(const float* in, Geo gi, const float* g, Geo gg, v16* ac
       v16 a[K][CB];
       for (int kx = 0; kx < K; kx++)
         for (int c = 0; c < CB; c++) a[kx][c] = (v16){};
-      for (int x0 = 0; x0 < Wr; x0 += 16) {
+      // every strip but the last: its K shifts from this strip and the next (K <= 7)
+      v16 next = ld(xrow);
+      int x0 = 0;
+      for (; x0 + 16 < Wr; x0 += 16) {
         v16 gv[CB];
         for (int c = 0; c < CB; c++) gv[c] = ld(gr[c] + x0);
+        const v16 here = next;
+        next = ld(xrow + x0 + 16);
         for (int kx = 0; kx < K; kx++) {
-          const v16 v = ld(xrow + x0 + kx);
+          const v16 v = shifted(here, next, kx);
+          for (int c = 0; c < CB; c++) a[kx][c] += v * gv[c];
+        }
+      }
+      {   // the last strip: the row (Wr + K - 1 floats) ends K - 1 floats after it
+        v16 gv[CB];
+        for (int c = 0; c < CB; c++) gv[c] = ld(gr[c] + x0);
+        const v16 end = ld(xrow + Wr + K - 17);
+        for (int kx = 0; kx < K; kx++) {
+          const v16 v = shifted_end<K>(next, end, kx);
           for (int c = 0; c < CB; c++) a[kx][c] += v * gv[c];
         }
       }
@@ -336,13 +425,6 @@ static inline double hsum_d(v16 v) {
   double s = 0;
   for (int j = 0; j < 16; j++) s += v[j];
   return s;
-}
-
-static inline v16 ld_n(const float* p, int n) {   // n <= 16 floats, the rest 0
-  if (n == 16) return ld(p);
-  v16 v = {};
-  std::memcpy(&v, p, 4 * n);
-  return v;
 }
 
 LossTerms loss_terms(int kind, const float* o, Geo go, const float* t, long tc, long th, int C,
