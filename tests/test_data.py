@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from selfscale import cache as cache_mod
+from selfscale import crops, direct
 from selfscale.cache import CACHE_FORMAT, cache_folder
 from selfscale.config import DataConfig
 from selfscale.crops import center_crops, require_crop_fits, sample_batch
@@ -22,6 +23,9 @@ from selfscale.data import (BUNDLED_EVAL, BUNDLED_TRAIN, ImageSet, SkippedImages
 from selfscale.errors import ConfigError, DataError
 from selfscale.images import load_gray
 from selfscale.tasks import get_task, make_target, resolve_params
+
+needs_kernels = pytest.mark.skipif(direct.library() is None,
+                                   reason=f"direct kernels not built: {direct.failure()}")
 
 SOBEL = get_task("sobel")
 SOBEL_PARAMS = resolve_params(SOBEL, {})
@@ -363,6 +367,69 @@ def test_sample_batch_flips_both_ways_over_many_draws():
     x, y = sample_batch(images, np.random.default_rng(1), 200, 20, True)
     np.testing.assert_array_equal(y, 1 - x)
     assert len({int(np.argmax(c[0])) for c in x}) > 4
+
+
+def _python_batch(monkeypatch, *args):
+    """sample_batch's Python loop (the kernels hidden)."""
+    with monkeypatch.context() as m:
+        m.setattr(direct, "_library", None)
+        return sample_batch(*args)
+
+
+@needs_kernels
+def test_the_kernel_draws_the_python_loop_s_batches_and_generator_state(monkeypatch):
+    """ss_sample makes numpy's draws in the same order: the same crops, and the same generator
+    state after them, with and without flips; for an image exactly as tall as the crop (no draw
+    for its top), a single image (no draw for the index) and a view with a longer row stride."""
+    gen = np.random.default_rng(3)
+    big = gen.random((40, 64), dtype=np.float32)
+    tall = gen.random((16, 33), dtype=np.float32)
+    sets = [_toy_set(), ImageSet(["tall", "view"], [tall, big[5:30, :37]], [tall * 2, big[:25, 1:38]]),
+            ImageSet(["one"], [big], [1 - big])]
+    for images in sets:
+        for flips in (False, True):
+            assert crops._sample_kernel(images, np.random.default_rng(0), 2, 16, flips) is not None
+            for seed in range(15):
+                kernel, python = np.random.default_rng(seed), np.random.default_rng(seed)
+                for _ in range(3):
+                    x, y = sample_batch(images, kernel, 6, 16, flips)
+                    x2, y2 = _python_batch(monkeypatch, images, python, 6, 16, flips)
+                    np.testing.assert_array_equal(x, x2)
+                    np.testing.assert_array_equal(y, y2)
+                assert kernel.bit_generator.state == python.bit_generator.state
+
+
+@needs_kernels
+def test_the_kernel_s_bounded_draw_is_numpy_s_integers_rejections_included():
+    """rng.integers(n) from the bit generator, interleaved with rng.random(): for n = 3·2³⁰ a
+    quarter of the draws are rejected and drawn again."""
+    for n in (1, 2, 7, 1000, 2**31 + 1, 3 * 2**30, 2**32 - 1, 2**32):
+        ours, numpy_s = np.random.default_rng(n), np.random.default_rng(n)
+        bits = ours.bit_generator.ctypes.bit_generator
+        got, want = [], []
+        for i in range(200):
+            got.append(direct._library.ss_integers_draw(bits, n))
+            want.append(int(numpy_s.integers(n)))
+            if i % 3 == 0:
+                got.append(ours.random())
+                want.append(numpy_s.random())
+        assert got == want, n
+        assert ours.bit_generator.state == numpy_s.bit_generator.state
+
+
+def test_images_the_kernel_does_not_take_go_the_python_way(monkeypatch):
+    """float64 arrays, a transposed view and a crop larger than an image take the Python loop:
+    the same batches, and the same error naming the image."""
+    gen = np.random.default_rng(4)
+    wide = gen.random((20, 30), dtype=np.float32)
+    for images in (ImageSet(["f64"], [wide.astype(np.float64)], [wide.astype(np.float64)]),
+                   ImageSet(["t"], [wide.T], [wide.T])):
+        assert crops._kernel_table(images) is None
+        x, _ = sample_batch(images, np.random.default_rng(1), 3, 8, True)
+        np.testing.assert_array_equal(
+            x, _python_batch(monkeypatch, images, np.random.default_rng(1), 3, 8, True)[0])
+    with pytest.raises(ValueError, match="crop 22 does not fit b"):
+        sample_batch(_toy_set(), np.random.default_rng(0), 40, 22, False)
 
 
 def test_crop_larger_than_image_is_rejected():

@@ -6,6 +6,9 @@ equals the operator applied to the whole image, then cropped (no border effects 
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 import numpy as np
 
 from selfscale.data import ImageSet
@@ -31,9 +34,14 @@ def sample_batch(images: ImageSet, rng: np.random.Generator, batch: int, crop: i
     ``rng.integers(W − crop + 1)``; then, only when ``flips``, ``rng.random() < 0.5`` for a
     horizontal flip (columns reversed) and ``rng.random() < 0.5`` for a vertical one (rows
     reversed), applied identically to input and target. A seed therefore reproduces the batches.
+    With the direct kernels loaded, one C++ call makes these draws and copies (the same batches
+    and generator state, about half the time).
     """
     if not len(images):
         raise ValueError("sample_batch: the image set is empty")
+    drawn = _sample_kernel(images, rng, batch, crop, flips)
+    if drawn is not None:
+        return drawn
     xs = np.empty((batch, 1, crop, crop), dtype=np.float32)
     ys = np.empty((batch, 1, crop, crop), dtype=np.float32)
     count = len(images)
@@ -72,3 +80,60 @@ def center_crops(images: ImageSet, crop: int) -> tuple[np.ndarray, np.ndarray]:
         xs[i, 0] = image[top:top + crop, left:left + crop]
         ys[i, 0] = target[top:top + crop, left:left + crop]
     return xs, ys
+
+
+def _sample_kernel(images: ImageSet, rng: np.random.Generator, batch: int, crop: int,
+                   flips: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`sample_batch` in one call of the direct kernels (``ss_sample``), when they are
+    loaded, ``rng`` is a numpy Generator and every image suits them (float32 rows, columns
+    contiguous, at least ``crop`` on both sides); None otherwise. It makes the same draws on
+    the generator's own bit generator in the same order, so the crops, and the generator's
+    state after them, are the same; the Python loop spent about 15 µs a crop on numpy calls."""
+    from selfscale import direct
+
+    lib = direct._library
+    if lib is None or type(rng) is not np.random.Generator:
+        return None
+    table = _kernel_table(images)
+    if table is None or crop > table["min_side"]:
+        return None  # the Python loop says which image is too small
+    xs = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    ys = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    bits = rng.bit_generator
+    with bits.lock:
+        lib.ss_sample(bits.ctypes.bit_generator, len(images), *table["args"], batch, crop,
+                      int(flips), xs.ctypes.data, ys.ctypes.data)
+    return xs, ys
+
+
+_TABLES: dict[int, tuple[ImageSet, list[int], dict[str, Any] | None, list]] = {}
+"""``ss_sample``'s tables of the last few image sets, by id; each entry holds its set and
+arrays, so their ids cannot be reused while it is here."""
+
+
+def _kernel_table(images: ImageSet) -> dict[str, Any] | None:
+    """``ss_sample``'s per-image arguments, kept while the set holds the same arrays; None when
+    an image does not suit."""
+    key = [*map(id, images.inputs), *map(id, images.targets)]
+    cached = _TABLES.get(id(images))
+    if cached is not None and cached[0] is images and cached[1] == key:
+        return cached[2]
+    arrays = [(np.asarray(x), np.asarray(y)) for x, y in zip(images.inputs, images.targets)]
+    suits = all(a.dtype == np.float32 and a.ndim == 2 and a.strides[1] == 4
+                and a.strides[0] % 4 == 0 and a.strides[0] > 0 and a.shape == x.shape
+                and max(a.shape) < 2 ** 32 for x, y in arrays for a in (x, y))
+    table = None
+    if suits:
+        def longs(values: list[int]) -> ctypes.Array:
+            return (ctypes.c_long * len(values))(*values)
+        pointers = [(ctypes.c_void_p * len(arrays))(*[p[i].ctypes.data for p in arrays])
+                    for i in (0, 1)]
+        table = {"min_side": min(min(x.shape) for x, _ in arrays),
+                 "args": (*pointers, longs([x.shape[0] for x, _ in arrays]),
+                          longs([x.shape[1] for x, _ in arrays]),
+                          longs([x.strides[0] // 4 for x, _ in arrays]),
+                          longs([y.strides[0] // 4 for _, y in arrays]))}
+    if len(_TABLES) >= 8:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[id(images)] = (images, key, table, [*images.inputs, *images.targets, arrays])
+    return table

@@ -117,6 +117,10 @@ def library() -> ctypes.CDLL | None:
                                 _dbl, _dbl, _int]
         lib.ss_step.restype = _dbl
         lib.ss_uiqi_map.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _ptr, _int]
+        lib.ss_sample.argtypes = [_ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int,
+                                  _int, _ptr, _ptr]
+        lib.ss_integers_draw.argtypes = [_ptr, ctypes.c_uint64]
+        lib.ss_integers_draw.restype = ctypes.c_uint64
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError, IndexError) as exc:
         _failure = f"{type(exc).__name__}: {str(exc).strip()[:200]}"

@@ -12,6 +12,7 @@
 // sums in thread order, so one thread count gives one result.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -664,6 +665,93 @@ extern "C" void ss_uiqi_map(const float* px, const long* ps, const float* py, co
         else for (long x = 0; x < 5L * OW; x++) am[x] += src[x];
       }
       uiqi_formula(acc.data(), OW, out + ((long)i * OH + top) * OW);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A training batch (selfscale.crops.sample_batch) drawn from numpy's bit generator: the same
+// draws in the same order as the Python loop, so the same crops and the same generator state
+// after it. Per crop: the image, rng.integers(count); its top, rng.integers(H - crop + 1); its
+// left, rng.integers(W - crop + 1); with flips, rng.random() < 0.5 twice (columns reversed,
+// then rows reversed). Generator.integers(n) for n <= 2^32 is Lemire's bounded draw on the bit
+// generator's 32-bit output (numpy's buffered_bounded_lemire_uint32), none for n = 1;
+// Generator.random() is its next_double.
+struct ss_bitgen {                // numpy/random/bitgen.h
+  void* state;
+  uint64_t (*next_uint64)(void*);
+  uint32_t (*next_uint32)(void*);
+  double (*next_double)(void*);
+  uint64_t (*next_raw)(void*);
+};
+
+static uint64_t ss_integers(ss_bitgen* g, uint64_t n) {   // rng.integers(n), 1 <= n <= 2^32
+  const uint64_t rng = n - 1;
+  if (rng == 0) return 0;
+  if (rng == 0xFFFFFFFFull) return g->next_uint32(g->state);
+  const uint32_t excl = (uint32_t)rng + 1;
+  uint64_t m = (uint64_t)g->next_uint32(g->state) * excl;
+  uint32_t left = (uint32_t)m;
+  if (left < excl) {
+    const uint32_t threshold = (0xFFFFFFFFu - (uint32_t)rng) % excl;
+    while (left < threshold) {
+      m = (uint64_t)g->next_uint32(g->state) * excl;
+      left = (uint32_t)m;
+    }
+  }
+  return m >> 32;
+}
+
+// rng.integers(n) alone (the tests hold it to numpy's own, rejections included).
+extern "C" uint64_t ss_integers_draw(void* bitgen, uint64_t n) {
+  return ss_integers((ss_bitgen*)bitgen, n);
+}
+
+// images[k] and targets[k]: H[k] x W[k] float32 with row strides ri[k] and rt[k] (floats;
+// columns contiguous), every one at least crop x crop. xs, ys: (batch, 1, crop, crop), dense.
+extern "C" void ss_sample(void* bitgen, int count, const float* const* images,
+                          const float* const* targets, const long* H, const long* W,
+                          const long* ri, const long* rt, int batch, int crop, int flips,
+                          float* xs, float* ys) {
+  ss_bitgen* g = (ss_bitgen*)bitgen;
+  struct Cut { int k; long top, left; bool hflip, vflip; };
+  std::vector<Cut> cuts(batch);
+  for (Cut& c : cuts) {           // every draw first, in the documented order
+    c.k = (int)ss_integers(g, (uint64_t)count);
+    c.top = (long)ss_integers(g, (uint64_t)(H[c.k] - crop + 1));
+    c.left = (long)ss_integers(g, (uint64_t)(W[c.k] - crop + 1));
+    c.hflip = c.vflip = false;
+    if (flips) {
+      c.hflip = g->next_double(g->state) < 0.5;
+      c.vflip = g->next_double(g->state) < 0.5;
+    }
+  }
+  // the rows of the next crop are fetched while this one is copied (the images are large and
+  // mostly not in cache: the copy waits on memory)
+  auto fetch = [&](const Cut& c) {
+    for (int r = 0; r < crop; r++)
+      for (long x = 0; x < crop; x += 16) {
+        __builtin_prefetch(images[c.k] + (c.top + r) * ri[c.k] + c.left + x);
+        __builtin_prefetch(targets[c.k] + (c.top + r) * rt[c.k] + c.left + x);
+      }
+  };
+  const long cc = (long)crop * crop;
+  if (batch) fetch(cuts[0]);
+  for (int i = 0; i < batch; i++) {
+    const Cut& c = cuts[i];
+    if (i + 1 < batch) fetch(cuts[i + 1]);
+    for (int r = 0; r < crop; r++) {
+      const long row = c.top + (c.vflip ? crop - 1 - r : r);
+      const float* a = images[c.k] + row * ri[c.k] + c.left;
+      const float* b = targets[c.k] + row * rt[c.k] + c.left;
+      float* xo = xs + i * cc + (long)r * crop;
+      float* yo = ys + i * cc + (long)r * crop;
+      if (c.hflip) {
+        for (int x = 0; x < crop; x++) { xo[x] = a[crop - 1 - x]; yo[x] = b[crop - 1 - x]; }
+      } else {
+        std::memcpy(xo, a, sizeof(float) * crop);
+        std::memcpy(yo, b, sizeof(float) * crop);
+      }
     }
   }
 }
