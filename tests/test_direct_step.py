@@ -103,6 +103,33 @@ def test_a_learning_rate_change_between_steps_is_used():
         assert _close(p.detach(), q.detach(), 1e-5)
 
 
+@needs_kernels
+def test_a_parameter_whose_memory_is_replaced_is_updated_where_it_now_lives():
+    """``p.data = …`` (as Module.to does) keeps the parameter object and moves its memory: the
+    next step updates the new memory, and a new layout (its moments no longer match it) takes
+    the autograd path; both end where autograd's steps end."""
+    case = CASES["masks off and frozen"]
+    direct.use("direct")
+    fused, ref = _net(case), _net(case)
+    opt_fused, opt_ref = make_optimizer(fused, 1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
+    kept = []  # the replaced memory stays allocated: a stale pointer fails the test, not pytest
+    changes = (lambda w: w.detach().clone(),  # the same layout, new memory
+               lambda w: w.detach().contiguous())  # channels_last → NCHW
+    for i, (x, y) in enumerate(_batches(case, 3)):
+        if i:
+            for net in (fused, ref):
+                weight = net.layers[0].weight
+                kept.append(weight.data)
+                weight.data = changes[i - 1](weight)
+        before = fused.layers[0].weight.detach().clone()
+        train_step(fused, opt_fused, x, y, LOSSES["mae"])
+        _autograd_step(ref, opt_ref, x, y, LOSSES["mae"], 0.0)
+        assert not torch.equal(fused.layers[0].weight.detach(), before)
+        for p, q in zip(fused.parameters(), ref.parameters(), strict=True):
+            assert _close(p.detach(), q.detach(), 1e-5)
+    assert fused.layers[0].weight.is_contiguous()
+
+
 def _uncovered():
     """(what, model, optimizer, x, y, loss) the one-call step must leave to autograd."""
     case = CASES["thesis 5/5/1"]

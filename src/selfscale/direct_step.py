@@ -126,15 +126,18 @@ def _prepared(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor
     for i, p in enumerate(params):
         if not _plain_param(p, layers[i // 2]) or (i % 2 and p.stride(0) != 1):
             return None
-    # the state's tensors are checked once: the same objects keep their layout (the optimizer
-    # holds the checked ones, so their ids cannot be reused)
+    # the state's tensors are checked again only when they or their memory change: the same
+    # objects (held by the optimizer, so their ids cannot be reused) at the same addresses with
+    # the same strides (``p.data = …``, as Module.to does, keeps the object and moves the memory)
     tensors = _state_tensors(optimizer, params)
     flat = tuple(t for entry in tensors if entry for t in entry)
-    if not _same(flat, getattr(optimizer, "_ss_checked", None)):
+    layout = tuple((t.data_ptr(), t.stride()) for t in (*params, *flat))
+    checked = getattr(optimizer, "_ss_checked", None)
+    if checked is None or not _same(flat, checked[0]) or checked[1] != layout:
         if any(not _plain_state(optimizer.state[p], p) for p, t in zip(params, tensors) if t):
             return None
-        optimizer._ss_checked = flat
-    return code, group, layers, params, tensors
+        optimizer._ss_checked = (flat, layout)
+    return code, group, layers, params, tensors, layout
 
 
 def applicable(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
@@ -155,7 +158,7 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
     prepared = _prepared(model, optimizer, x, y, loss_fn)
     if prepared is None:
         return None
-    code, group, layers, params, tensors = prepared
+    code, group, layers, params, tensors, layout = prepared
     if not all(tensors):  # as Adam's first step creates them
         for p, t in zip(params, tensors):
             if t is None:
@@ -163,6 +166,8 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
                                       "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
         tensors = _state_tensors(optimizer, params)
+        layout = tuple((t.data_ptr(), t.stride())
+                       for t in (*params, *(t for entry in tensors for t in entry)))
     for p in params:
         p.grad = None
     actives = [layer.active_indices() for layer in layers]
@@ -172,19 +177,23 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
     lib = direct._library
     return lib.ss_step(x.data_ptr(), _array(ctypes.c_long, x.stride()), y.data_ptr(),
                        _array(ctypes.c_long, y.stride()), n, h, w,
-                       *_model_args(optimizer, model, params, tensors, actives, frozen), code,
+                       *_model_args(optimizer, model, params, tensors, actives, frozen, layout),
+                       code,
                        float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                        float(clip), torch.get_num_threads())
 
 
 def _model_args(optimizer: torch.optim.Optimizer, model: FCN, params: list[Tensor],
-                tensors: list, actives: list[Tensor], frozen: list[Tensor | None]) -> tuple:
+                tensors: list, actives: list[Tensor], frozen: list[Tensor | None],
+                layout: tuple) -> tuple:
     """``ss_step``'s arguments from the kernel size to the frozen switches: arrays of pointers
     and strides, kept on the optimizer while the same tensor objects are passed (they are
-    updated in place; the cache holds them, so their ids and memory cannot be reused)."""
+    updated in place; the cache holds them, so their ids cannot be reused) and the parameters
+    and state keep their memory and strides (``layout``: a parameter's ``.data`` can be
+    replaced under the same object)."""
     objects = (*params, *(t for entry in tensors for t in entry), *actives, *frozen)
     cached = getattr(optimizer, "_ss_args", None)
-    if cached is not None and _same(objects, cached[0]):
+    if cached is not None and _same(objects, cached[0]) and cached[2] == layout:
         return cached[1]
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     args = (model.kernel, len(actives), _array(int_, [model.in_channels, *model.widths]),
@@ -194,5 +203,5 @@ def _model_args(optimizer: torch.optim.Optimizer, model: FCN, params: list[Tenso
             _array(ptr, [a.data_ptr() for a in actives]),
             _array(int_, [a.numel() for a in actives]),
             _array(ptr, [None if f is None else f.data_ptr() for f in frozen]))
-    optimizer._ss_args = (objects, args)
+    optimizer._ss_args = (objects, args, layout)
     return args
