@@ -201,16 +201,16 @@ static const fwd_fn FWD[9] = {nullptr, fwd_row<1>, fwd_row<2>, fwd_row<3>, fwd_r
 // the convolution uses it flipped: w'[co, ci, t] = w[ci, co, K*K-1-t] (the input gradient).
 // Zero the padding of row r of the planes `cos` of one image of a padded buffer (border p):
 // its left and right margins, and above the first row and below the last one.
+// Row r's right margin and row r + 1's left margin are one run of row - W floats, zeroed in one
+// call; row 0's call also zeroes the rows above and its own left margin, row H - 1's the rows
+// below (its run goes on to the plane's end).
 static void zero_border(float* img, long plane, long row, int p, int H, int W, const int* cos,
                         int nco, int r) {
   for (int c = 0; c < nco; c++) {
     float* pl = img + (long)cos[c] * plane;
-    float* line = pl + (long)(p + r) * row;
-    std::memset(line, 0, sizeof(float) * p);
-    std::memset(line + p + W, 0, sizeof(float) * (row - p - W));
-    if (r == 0) std::memset(pl, 0, sizeof(float) * p * row);
-    if (r == H - 1)
-      std::memset(pl + (long)(p + H) * row, 0, sizeof(float) * (plane - (p + H) * row));
+    const long from = (long)(p + r) * row + p + W;
+    if (r == 0) std::memset(pl, 0, sizeof(float) * ((long)p * row + p));
+    std::memset(pl + from, 0, sizeof(float) * (r == H - 1 ? plane - from : row - W));
   }
 }
 
