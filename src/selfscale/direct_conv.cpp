@@ -104,6 +104,7 @@ static inline void fwd_strips(const float* in, Geo gi, const float* w, const flo
   // one output channel: a strip shifted by kx is made from two loaded ones (a shuffle) rather
   // than loaded across a cache line, the loads being the bound; more channels bind on the FMAs
   constexpr bool shift = KC > 0 && CO == 1;
+  static_assert(!shift || KC <= 7, "shifted() covers shifts up to 6");
   v16 acc[RB][XB][CO];
   for (int c = 0; c < CO; c++) {
     const float bias = b ? b[cos[c]] : 0.f;
@@ -291,7 +292,8 @@ static void wgrad_row_k(const float* in, Geo gi, const float* g, Geo gg, v16* ac
       v16 a[K][CB];
       for (int kx = 0; kx < K; kx++)
         for (int c = 0; c < CB; c++) a[kx][c] = (v16){};
-      // every strip but the last: its K shifts from this strip and the next (K <= 7)
+      // every strip but the last: its K shifts from this strip and the next
+      static_assert(K <= 7, "shifted() covers shifts up to 6");
       v16 next = ld(xrow);
       int x0 = 0;
       for (; x0 + 16 < Wr; x0 += 16) {
