@@ -29,58 +29,38 @@ static inline v16 ld_n(const float* p, int n) {   // n <= 16 floats, the rest 0
 
 // Floats s .. s + 15 of the 32 in (a, b), 0 <= s < 16: a strip shifted right by s columns,
 // made from two loaded strips instead of loaded across a cache line (s is a constant once the
-// tap loops are unrolled).
+// tap loops are unrolled). With D > 0, b is not the next strip but the row's last 16 floats,
+// the row ending K - 1 = 16 - D floats after a: float 16 + m of (a, next strip) is b[m + D].
 typedef int v16i __attribute__((vector_size(64)));
-template <int S>
+#define SS_L(j) (S + j < 16 ? S + j : S + j + D)
+template <int S, int D>
 static inline v16 shifted_c(v16 a, v16 b) {
 #if defined(__clang__)
-  return __builtin_shufflevector(a, b, S, S + 1, S + 2, S + 3, S + 4, S + 5, S + 6, S + 7, S + 8,
-                                 S + 9, S + 10, S + 11, S + 12, S + 13, S + 14, S + 15);
+  return __builtin_shufflevector(a, b, SS_L(0), SS_L(1), SS_L(2), SS_L(3), SS_L(4), SS_L(5),
+                                 SS_L(6), SS_L(7), SS_L(8), SS_L(9), SS_L(10), SS_L(11),
+                                 SS_L(12), SS_L(13), SS_L(14), SS_L(15));
 #else
-  return __builtin_shuffle(a, b, (v16i){S, S + 1, S + 2, S + 3, S + 4, S + 5, S + 6, S + 7,
-                                        S + 8, S + 9, S + 10, S + 11, S + 12, S + 13, S + 14,
-                                        S + 15});
+  return __builtin_shuffle(a, b, (v16i){SS_L(0), SS_L(1), SS_L(2), SS_L(3), SS_L(4), SS_L(5),
+                                        SS_L(6), SS_L(7), SS_L(8), SS_L(9), SS_L(10), SS_L(11),
+                                        SS_L(12), SS_L(13), SS_L(14), SS_L(15)});
 #endif
 }
-static inline v16 shifted(v16 a, v16 b, int s) {
+#undef SS_L
+template <int D>
+static inline v16 shifted_by(v16 a, v16 b, int s) {
   switch (s) {
     case 0: return a;
-    case 1: return shifted_c<1>(a, b);
-    case 2: return shifted_c<2>(a, b);
-    case 3: return shifted_c<3>(a, b);
-    case 4: return shifted_c<4>(a, b);
-    case 5: return shifted_c<5>(a, b);
-    default: return shifted_c<6>(a, b);
+    case 1: return shifted_c<1, D>(a, b);
+    case 2: return shifted_c<2, D>(a, b);
+    case 3: return shifted_c<3, D>(a, b);
+    case 4: return shifted_c<4, D>(a, b);
+    case 5: return shifted_c<5, D>(a, b);
+    default: return shifted_c<6, D>(a, b);
   }
 }
-// The same for a row's last strip a, whose row ends K - 1 floats after it: t holds the row's
-// last 16 floats, so float 16 + m of (a, next strip) is t[m + 17 - K].
-#define SS_T(j) (S + j < 16 ? S + j : S + j + 17 - K)
-template <int S, int K>
-static inline v16 shifted_end_c(v16 a, v16 t) {
-#if defined(__clang__)
-  return __builtin_shufflevector(a, t, SS_T(0), SS_T(1), SS_T(2), SS_T(3), SS_T(4), SS_T(5),
-                                 SS_T(6), SS_T(7), SS_T(8), SS_T(9), SS_T(10), SS_T(11),
-                                 SS_T(12), SS_T(13), SS_T(14), SS_T(15));
-#else
-  return __builtin_shuffle(a, t, (v16i){SS_T(0), SS_T(1), SS_T(2), SS_T(3), SS_T(4), SS_T(5),
-                                        SS_T(6), SS_T(7), SS_T(8), SS_T(9), SS_T(10), SS_T(11),
-                                        SS_T(12), SS_T(13), SS_T(14), SS_T(15)});
-#endif
-}
-#undef SS_T
-template <int K>
-static inline v16 shifted_end(v16 a, v16 t, int s) {
-  switch (s) {
-    case 0: return a;
-    case 1: return shifted_end_c<1, K>(a, t);
-    case 2: return shifted_end_c<2, K>(a, t);
-    case 3: return shifted_end_c<3, K>(a, t);
-    case 4: return shifted_end_c<4, K>(a, t);
-    case 5: return shifted_end_c<5, K>(a, t);
-    default: return shifted_end_c<6, K>(a, t);
-  }
-}
+static inline v16 shifted(v16 a, v16 b, int s) { return shifted_by<0>(a, b, s); }
+template <int K>   // a row's last strip a and the row's last 16 floats t
+static inline v16 shifted_end(v16 a, v16 t, int s) { return shifted_by<17 - K>(a, t, s); }
 
 struct Geo {                      // where plane c, row r, column x of a buffer lies
   long plane, row, off;           // floats per plane, per row; offset of (0, 0)
