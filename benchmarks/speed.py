@@ -63,13 +63,17 @@ WIDTHS, KERNEL = (5, 5, 1), 5
 RETRAIN_KS = (0, 2, 4, 6, 8)
 COMPACT_OFF = ((0, 3), (0, 4), (1, 2), (1, 3), (1, 4))
 """Masks switched off for the inference section: 5/5/1 → 3/2/1."""
-TIMED = {"training steps": (("selfscale.train", "train_step"),),
+TIMED = {"training steps": (("selfscale.train", "train_step"),
+                            ("selfscale.direct_step", "train_steps")),
          "evaluation": (("selfscale.train", "evaluate"),),
          "checkpointing": (("selfscale.checkpoint", "save_state"),
                            ("selfscale.checkpoint", "atomic_write_text"),
                            ("selfscale.checkpoint", "atomic_write_bytes")),
-         "batch sampling": (("selfscale.crops", "sample_batch"),)}
-"""What the minimize section times, by category: (module, function), wrapped wherever imported."""
+         "batch sampling": (("selfscale.crops", "sample_batch"),
+                            ("selfscale.crops", "BatchStream.take"))}
+"""What the minimize section times, by category: (module, function or Class.method), wrapped
+wherever imported (a method: on its class). ``direct_step.train_steps`` is several steps with
+their batches, sampled in the same call."""
 STUDY_TIMEOUT = 1200
 
 
@@ -569,13 +573,19 @@ def timed_calls(sync: Callable[[], None]) -> Iterator[dict[str, dict[str, float]
                 depth[0] -= 1
         return timed
 
+    methods = []
     for cat, where in TIMED.items():
         for mod, name in where:
-            orig = getattr(importlib.import_module(mod), name)
-            swaps[id(orig)] = (orig, wrap(cat, orig))
+            owner, _, name = name.rpartition(".")
+            home = getattr(importlib.import_module(mod), owner) if owner else None
+            orig = getattr(home or importlib.import_module(mod), name)
+            if home is None:
+                swaps[id(orig)] = (orig, wrap(cat, orig))
+            else:
+                methods.append((home, name, orig, wrap(cat, orig)))
     modules = [m for n, m in list(sys.modules.items()) if n.split(".")[0] == "selfscale"]
     patched = [(m, attr, *swaps[id(v)]) for m in modules for attr, v in list(vars(m).items())
-               if id(v) in swaps and swaps[id(v)][0] is v]
+               if id(v) in swaps and swaps[id(v)][0] is v] + methods
     for m, attr, _, new in patched:
         setattr(m, attr, new)
     try:

@@ -500,3 +500,27 @@ def test_load_eval_set_none_is_the_bundled_eval_split(bundled):
     assert images.names == list(BUNDLED_EVAL)
     for a, b in zip(images.targets, sets.eval.targets):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("helper", [True, False])
+def test_a_batch_stream_gives_sample_batch_s_batches_and_generator_state(helper):
+    """Batches taken with and without the next one drawn ahead (copied on the helper thread)
+    are sample_batch's, in order, and where no batch is pending the generator is where
+    sample_batch leaves it; closing with a batch pending puts the generator back before it."""
+    images = _toy_set()
+    pattern = [True, True, False, True, False, False, True, True, True, False]
+    stream_rng, rng = np.random.default_rng(5), np.random.default_rng(5)
+    with crops.BatchStream(images, stream_rng, 4, 16, True, helper=helper) as stream:
+        assert stream.threaded == (helper and direct._library is not None)
+        for ahead in pattern:
+            x, y = stream.take(ahead)
+            x2, y2 = sample_batch(images, rng, 4, 16, True)
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+            if not ahead:
+                assert stream_rng.bit_generator.state == rng.bit_generator.state
+        stream.take(True)
+        sample_batch(images, rng, 4, 16, True)
+        ahead = stream_rng.bit_generator.state != rng.bit_generator.state
+        assert ahead == stream.threaded  # the helper's batch is drawn
+    assert stream_rng.bit_generator.state == rng.bit_generator.state

@@ -271,3 +271,95 @@ def test_a_copy_of_a_network_without_gradients_can_be_made():
     twin = copy.deepcopy(model)
     assert not twin.layers[0].weight._backward_hooks
     assert torch.equal(twin.layers[0].weight, model.layers[0].weight)
+
+
+def _image_set():
+    from selfscale.data import ImageSet
+
+    gen = np.random.default_rng(2)
+    inputs = [gen.random((40, 52), dtype=np.float32), gen.random((33, 30), dtype=np.float32)]
+    return ImageSet(["a", "b"], inputs, [np.sqrt(x) for x in inputs])
+
+
+def _steps_one_by_one(st, images, rng, lrs, loss_fn, clip):
+    """What train_steps replaces: a batch of sample_batch, the learning rate, train_step."""
+    from selfscale.crops import sample_batch
+    from selfscale.train import as_input
+
+    losses = []
+    for lr in lrs:
+        x, y = sample_batch(images, rng, 3, 24, True)
+        st.optimizer.param_groups[0]["lr"] = lr
+        cpu = torch.device("cpu")
+        losses.append(train_step(st.model, st.optimizer, as_input(x, cpu), as_input(y, cpu),
+                                 loss_fn, clip))
+    return losses
+
+
+@needs_kernels
+@pytest.mark.parametrize("helper", [True, False])
+def test_steps_in_one_call_equal_the_steps_one_by_one(helper):
+    """train_steps samples its own batches: the same losses, weights, Adam state, learning rate
+    and generator state, bit for bit, as sample_batch and train_step step by step; in calls
+    split anywhere, and with the next batch copied on the helper thread or not."""
+    from selfscale.crops import BatchStream
+
+    direct.use("direct")
+    case = {**CASES["masks off and frozen"], "clip": 0.3}
+    device = torch.device("cpu")
+    lrs = [1e-2 * 0.9 ** i for i in range(9)]
+    ref, ours = (new_state(_net(case), 1e-2, 0, device) for _ in range(2))
+    images, rng_ref, rng = _image_set(), np.random.default_rng(3), np.random.default_rng(3)
+    want = _steps_one_by_one(ref, images, rng_ref, lrs, LOSSES["f1"], 0.3)
+    got = []
+    with BatchStream(images, rng, 3, 24, True, helper=helper) as batches:
+        for part in (lrs[:4], lrs[4:5], lrs[5:]):
+            got += direct_step.train_steps(ours.model, ours.optimizer, batches, part, len(part),
+                                           LOSSES["f1"], 0.3)
+    assert got == want and len(set(got)) == len(got)
+    assert rng.bit_generator.state == rng_ref.bit_generator.state
+    assert ours.optimizer.param_groups[0]["lr"] == lrs[-1]
+    for p, q in zip(ours.model.parameters(), ref.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(ours.optimizer.state[p][key], ref.optimizer.state[q][key])
+
+
+@needs_kernels
+def test_steps_in_one_call_stop_at_a_non_finite_loss_with_the_generator_where_it_diverged():
+    """A NaN weight: the first loss is NaN, one step is done, and the generator has drawn one
+    batch (the one after it, drawn ahead for the helper, is undone)."""
+    from selfscale.crops import BatchStream, sample_batch
+
+    direct.use("direct")
+    st = new_state(_net(CASES["thesis 5/5/1"]), 1e-2, 0, torch.device("cpu"))
+    with torch.no_grad():
+        st.model.layers[1].weight[0, 0, 0, 0] = float("nan")
+    images, rng, ref = _image_set(), np.random.default_rng(4), np.random.default_rng(4)
+    with BatchStream(images, rng, 3, 24, True) as batches:
+        losses = direct_step.train_steps(st.model, st.optimizer, batches, None, 5, LOSSES["f1"])
+    assert len(losses) == 1 and np.isnan(losses[0])
+    sample_batch(images, ref, 3, 24, True)
+    assert rng.bit_generator.state == ref.bit_generator.state
+    assert float(st.optimizer.state[st.model.layers[0].weight]["step"]) == 1.0
+
+
+def test_steps_in_one_call_leave_what_they_do_not_run_to_the_caller():
+    """Too many steps for one call, PyTorch's convolutions, or no kernels: None, nothing done."""
+    from selfscale.crops import BatchStream
+
+    st = new_state(_net(CASES["thesis 5/5/1"]), 1e-2, 0, torch.device("cpu"))
+    before = copy.deepcopy(st.model.state_dict())
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    direct.use("torch")
+    with BatchStream(_image_set(), rng, 3, 24, False) as batches:
+        assert direct_step.train_steps(st.model, st.optimizer, batches, None, 2,
+                                       LOSSES["f1"]) is None
+        if direct.library() is not None:
+            direct.use("direct")
+            assert direct_step.train_steps(st.model, st.optimizer, batches, None,
+                                           direct_step.STEPS_PER_CALL + 1, LOSSES["f1"]) is None
+    assert rng.bit_generator.state == state and not st.optimizer.state
+    for name, value in st.model.state_dict().items():
+        assert torch.equal(value, before[name])

@@ -97,6 +97,36 @@ def test_killed_run_resumes_bit_identical(image_dir, tmp_path, conv):
     assert seconds == sorted(seconds) and seconds[-1] > seconds[1] > 0  # counted across the kill
 
 
+def test_steps_in_kernel_calls_equal_steps_one_by_one(image_dir, tmp_path, monkeypatch):
+    """With no hook that reads single steps (none, or a progress bar's), the steps between
+    pauses run in kernel calls of up to 64: the same weights, Adam state, generator and scores
+    as one by one (a hook that reads the state), and a progress hook still sees every step."""
+    from selfscale import direct_step
+
+    calls = []
+    real = direct_step.train_steps
+    monkeypatch.setattr(direct_step, "train_steps",
+                        lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    seen = []
+    runs = {"one by one": TrainHooks(on_step=lambda step, loss: None),
+            "progress": TrainHooks(on_step=lambda step, loss: seen.append(step),
+                                   on_step_reads_state=False),
+            "no hook": None}
+    for name, hooks in runs.items():
+        cfg = _config(image_dir, tmp_path / "c", steps=150, conv="direct")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=100))
+        _train(start_run(cfg, tmp_path / name), hooks=hooks)
+    a = _weights(tmp_path / "one by one")
+    for name in ("progress", "no hook"):
+        b = _weights(tmp_path / name)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert all(torch.equal(t, b["optimizer"]["state"][pid][key])
+                   for pid, st in a["optimizer"]["state"].items() for key, t in st.items())
+        assert a["rng"] == b["rng"] and _scores(a["history"]) == _scores(b["history"])
+    assert seen == list(range(1, 151))
+    assert calls == [64, 36, 50] * 2  # to the evaluation at 100, then to the end
+
+
 def test_evaluate_matches_metric_functions(image_dir, tmp_path):
     """evaluate() is the per-image metric mean over centre crops of the eval set."""
     from selfscale.crops import center_crops
@@ -158,10 +188,12 @@ def test_a_non_finite_weight_stops_training_and_keeps_the_last_good_checkpoint(i
 
 def test_diverged_training_is_one_line_with_exit_code_1(image_dir, tmp_path, capsys,
                                                         monkeypatch):
+    import selfscale.direct_step
     import selfscale.train
     from selfscale.cli import main
 
     monkeypatch.setattr(selfscale.train, "train_step", lambda *a: float("inf"))
+    monkeypatch.setattr(selfscale.direct_step, "train_steps", lambda *a: [float("inf")])
     assert main(["train", "--data", str(image_dir), "--crop", "24", "--train-crop", "24", "--steps", "5",
                  "--out", str(tmp_path / "r"), "--threads", "1", "--quiet"]) == 1
     err = capsys.readouterr().err.strip()

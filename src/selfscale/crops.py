@@ -7,7 +7,8 @@ equals the operator applied to the whole image, then cropped (no border effects 
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+import os
+from typing import Any, Self
 
 import numpy as np
 
@@ -63,6 +64,112 @@ def sample_batch(images: ImageSet, rng: np.random.Generator, batch: int, crop: i
         xs[i, 0] = image[rows, cols]
         ys[i, 0] = target[rows, cols]
     return xs, ys
+
+
+def spare_core() -> bool:
+    """Whether torch's threads leave a core of this process's free (for a helper thread; on a
+    full machine it would only take turns with them)."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
+class BatchStream:
+    """The batches of :func:`sample_batch`, drawn from ``rng`` in the same order, each one
+    copied on a helper thread of the direct kernels while the caller trains on the one before.
+
+    ``take(ahead)`` returns the next batch; with ``ahead`` it also makes the draws of the batch
+    after it at once and starts its copy. So the caller passes ``ahead=False`` whenever anything
+    else may read, draw from or save ``rng`` before the following ``take`` (an evaluation, a
+    checkpoint, the end): then every draw happens where :func:`sample_batch` would make it, and
+    the batches, the generator's state and everything downstream are the same bits. Closing the
+    stream (also on an exception) waits for a copy in flight and puts the generator back to
+    before the draws of a batch not taken. Without the kernels, for a set they do not take, or
+    with ``helper=False``, every batch is drawn and copied in ``take``; by default (None) the
+    helper runs when torch's threads leave a core free (:func:`spare_core`).
+    """
+
+    def __init__(self, images: ImageSet, rng: np.random.Generator, batch: int, crop: int,
+                 flips: bool, helper: bool | None = None) -> None:
+        from selfscale import direct
+
+        if helper is None:
+            helper = spare_core()
+        self._args = (images, rng, batch, crop, flips)
+        self._lib = direct._library
+        self._stream = self._table = self._buffers = None
+        self._next: tuple[np.ndarray, np.ndarray, dict] | None = None
+        if self._lib is not None and type(rng) is np.random.Generator and len(images):
+            table = _kernel_table(images)
+            if table is not None and crop <= table["min_side"]:
+                self._table = table
+                self._keep = _TABLES[id(images)]  # the arrays the pointers point into
+                if helper:
+                    self._stream = self._lib.ss_stream_new() or None
+
+    @property
+    def threaded(self) -> bool:
+        """Whether copies run on the helper thread."""
+        return self._stream is not None
+
+    def kernel_args(self) -> tuple | None:
+        """For a kernel that samples the batches itself (``ss_steps``): the helper stream (or
+        None), the generator, then ``ss_sample``'s arguments from the image count to ``flips``,
+        the bit generator's left out; None without the kernels or for a set they do not take."""
+        if self._table is None or self._next is not None:
+            return None
+        images, rng, batch, crop, flips = self._args
+        return (self._stream, rng, len(images), *self._table["args"], batch, crop, int(flips))
+
+    def buffers(self) -> tuple[np.ndarray, ...]:
+        """Two pairs of batch buffers (x0, y0, x1, y1), (N, 1, crop, crop) float32, kept."""
+        if self._buffers is None:
+            _, _, batch, crop, _ = self._args
+            self._buffers = tuple(np.empty((batch, 1, crop, crop), dtype=np.float32)
+                                  for _ in range(4))
+        return self._buffers
+
+    def take(self, ahead: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The next batch, (N, 1, crop, crop) inputs and targets; with ``ahead``, the draws of
+        the one after it are made now and its copy starts."""
+        if self._next is not None:
+            self._lib.ss_stream_wait(self._stream)
+            xs, ys, _ = self._next
+            self._next = None
+        else:
+            xs, ys = sample_batch(*self._args)
+        if ahead and self._stream is not None:
+            images, rng, batch, crop, flips = self._args
+            nx = np.empty((batch, 1, crop, crop), dtype=np.float32)
+            ny = np.empty((batch, 1, crop, crop), dtype=np.float32)
+            bits = rng.bit_generator
+            with bits.lock:
+                before = bits.state
+                self._lib.ss_stream_sample(self._stream, bits.ctypes.bit_generator, len(images),
+                                           *self._table["args"], batch, crop, int(flips),
+                                           nx.ctypes.data, ny.ctypes.data)
+            self._next = (nx, ny, before)
+        return xs, ys
+
+    def close(self) -> None:
+        """Wait for a copy in flight, end the helper thread, and put the generator back to
+        before the draws of a batch made ahead and not taken."""
+        if self._stream is not None:
+            self._lib.ss_stream_free(self._stream)
+            self._stream = None
+        if self._next is not None:
+            self._args[1].bit_generator.state = self._next[2]
+            self._next = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def center_crops(images: ImageSet, crop: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,11 @@
 // sums in thread order, so one thread count gives one result.
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -691,14 +694,12 @@ extern "C" uint64_t ss_integers_draw(void* bitgen, uint64_t n) {
 
 // images[k] and targets[k]: H[k] x W[k] float32 with row strides ri[k] and rt[k] (floats;
 // columns contiguous), every one at least crop x crop. xs, ys: (batch, 1, crop, crop), dense.
-extern "C" void ss_sample(void* bitgen, int count, const float* const* images,
-                          const float* const* targets, const long* H, const long* W,
-                          const long* ri, const long* rt, int batch, int crop, int flips,
-                          float* xs, float* ys) {
-  ss_bitgen* g = (ss_bitgen*)bitgen;
-  struct Cut { int k; long top, left; bool hflip, vflip; };
-  std::vector<Cut> cuts(batch);
-  for (Cut& c : cuts) {           // every draw first, in the documented order
+struct ss_cut { int k; long top, left; bool hflip, vflip; };
+
+static void ss_draw_cuts(ss_bitgen* g, int count, const long* H, const long* W, int batch,
+                         int crop, int flips, ss_cut* cuts) {
+  for (int i = 0; i < batch; i++) {   // every draw first, in the documented order
+    ss_cut& c = cuts[i];
     c.k = (int)ss_integers(g, (uint64_t)count);
     c.top = (long)ss_integers(g, (uint64_t)(H[c.k] - crop + 1));
     c.left = (long)ss_integers(g, (uint64_t)(W[c.k] - crop + 1));
@@ -708,9 +709,14 @@ extern "C" void ss_sample(void* bitgen, int count, const float* const* images,
       c.vflip = g->next_double(g->state) < 0.5;
     }
   }
+}
+
+static void ss_copy_cuts(const float* const* images, const float* const* targets,
+                         const long* ri, const long* rt, int batch, int crop,
+                         const ss_cut* cuts, float* xs, float* ys) {
   // the rows of the next crop are fetched while this one is copied (the images are large and
   // mostly not in cache: the copy waits on memory)
-  auto fetch = [&](const Cut& c) {
+  auto fetch = [&](const ss_cut& c) {
     for (int r = 0; r < crop; r++)
       for (long x = 0; x < crop; x += 16) {
         __builtin_prefetch(images[c.k] + (c.top + r) * ri[c.k] + c.left + x);
@@ -720,7 +726,7 @@ extern "C" void ss_sample(void* bitgen, int count, const float* const* images,
   const long cc = (long)crop * crop;
   if (batch) fetch(cuts[0]);
   for (int i = 0; i < batch; i++) {
-    const Cut& c = cuts[i];
+    const ss_cut& c = cuts[i];
     if (i + 1 < batch) fetch(cuts[i + 1]);
     for (int r = 0; r < crop; r++) {
       const long row = c.top + (c.vflip ? crop - 1 - r : r);
@@ -736,4 +742,128 @@ extern "C" void ss_sample(void* bitgen, int count, const float* const* images,
       }
     }
   }
+}
+
+extern "C" void ss_sample(void* bitgen, int count, const float* const* images,
+                          const float* const* targets, const long* H, const long* W,
+                          const long* ri, const long* rt, int batch, int crop, int flips,
+                          float* xs, float* ys) {
+  std::vector<ss_cut> cuts(batch);
+  ss_draw_cuts((ss_bitgen*)bitgen, count, H, W, batch, crop, flips, cuts.data());
+  ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xs, ys);
+}
+
+// A batch stream (selfscale.crops.BatchStream): ss_sample split in two, the draws made on the
+// caller's thread (so the generator is consumed in the same order as ever) and the copy handed
+// to the stream's own helper thread, which fills the next batch while the caller trains on this
+// one. One copy at a time; ss_stream_wait returns when it is done.
+struct ss_stream {
+  std::mutex m;
+  std::condition_variable cv;
+  bool pending = false, quit = false;
+  std::vector<ss_cut> cuts;
+  const float* const* images; const float* const* targets; const long* ri; const long* rt;
+  int batch, crop; float* xs; float* ys;
+  std::thread worker;   // last: it starts once every member above is constructed
+
+  ss_stream() { worker = std::thread([this] { run(); }); }
+  void run() {
+    std::unique_lock<std::mutex> lock(m);
+    for (;;) {
+      cv.wait(lock, [this] { return pending || quit; });
+      if (quit) return;
+      lock.unlock();
+      ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xs, ys);
+      lock.lock();
+      pending = false;
+      cv.notify_all();
+    }
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lock(m);
+    cv.wait(lock, [this] { return !pending; });
+  }
+};
+
+extern "C" void* ss_stream_new() {
+  try { return new ss_stream(); } catch (...) { return nullptr; }   // no thread: no stream
+}
+
+extern "C" void ss_stream_wait(void* stream) { ((ss_stream*)stream)->wait(); }
+
+extern "C" void ss_stream_free(void* stream) {
+  ss_stream* s = (ss_stream*)stream;
+  s->wait();
+  { std::lock_guard<std::mutex> lock(s->m); s->quit = true; }
+  s->cv.notify_all();
+  s->worker.join();
+  delete s;
+}
+
+// The draws of ss_sample now; its copy on the stream's thread (the arrays must stay alive and
+// untouched until ss_stream_wait).
+extern "C" void ss_stream_sample(void* stream, void* bitgen, int count,
+                                 const float* const* images, const float* const* targets,
+                                 const long* H, const long* W, const long* ri, const long* rt,
+                                 int batch, int crop, int flips, float* xs, float* ys) {
+  ss_stream* s = (ss_stream*)stream;
+  s->wait();
+  s->cuts.resize(batch);
+  ss_draw_cuts((ss_bitgen*)bitgen, count, H, W, batch, crop, flips, s->cuts.data());
+  std::lock_guard<std::mutex> lock(s->m);
+  s->images = images; s->targets = targets; s->ri = ri; s->rt = rt;
+  s->batch = batch; s->crop = crop; s->xs = xs; s->ys = ys;
+  s->pending = true;
+  s->cv.notify_all();
+}
+
+// `count` training steps in one call: selfscale.train's loop between two pauses, when nothing
+// runs between its steps. Step i trains (ss_step) on the batch ss_sample would draw next, at
+// learning rate lrs[i], and writes its loss to losses[i]. The draws of batch i + 1 are made
+// before step i; its copy runs meanwhile on the stream's thread (stream null: after step i) into
+// the other pair of batch buffers, (x0, y0) or (x1, y1), dense (batch, 1, crop, crop). Returns
+// the steps done: count, or fewer when a loss is not finite (that step included; the batch
+// after it was drawn).
+extern "C" int ss_steps(int count, const double* lrs, double* losses, void* stream, void* bitgen,
+                        int n_images, const float* const* images, const float* const* targets,
+                        const long* H, const long* W, const long* ri, const long* rt, int batch,
+                        int crop, int flips, float* x0, float* y0, float* x1, float* y1, int K,
+                        int L, const int* chans, float* const* params, const long* wstrides,
+                        float* const* exp_avg, float* const* exp_avg_sq, float* const* steps,
+                        const int* const* actives, const int* nact,
+                        const unsigned char* const* frozen, int loss, double beta1,
+                        double beta2, double eps, double clip, int threads) {
+  ss_bitgen* g = (ss_bitgen*)bitgen;
+  float* xb[2] = {x0, x1};
+  float* yb[2] = {y0, y1};
+  const long cc = (long)crop * crop, strides[4] = {cc, cc, crop, 1};
+  std::vector<ss_cut> cuts(batch);
+  ss_draw_cuts(g, n_images, H, W, batch, crop, flips, cuts.data());
+  ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), x0, y0);
+  for (int i = 0; i < count; i++) {
+    const int b = i % 2;
+    const bool next = i + 1 < count;
+    if (next && stream)
+      ss_stream_sample(stream, bitgen, n_images, images, targets, H, W, ri, rt, batch, crop,
+                       flips, xb[1 - b], yb[1 - b]);
+    else if (next)
+      ss_draw_cuts(g, n_images, H, W, batch, crop, flips, cuts.data());
+    losses[i] = ss_step(xb[b], strides, yb[b], strides, batch, crop, crop, K, L, chans, params,
+                        wstrides, exp_avg, exp_avg_sq, steps, actives, nact, frozen, loss, lrs[i],
+                        beta1, beta2, eps, clip, threads);
+    if (next && stream)
+      ss_stream_wait(stream);
+    else if (next)
+      ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xb[1 - b], yb[1 - b]);
+    if (!std::isfinite(losses[i])) return i + 1;
+  }
+  return count;
+}
+
+// The draws of `batches` batches of ss_sample, without their copies.
+extern "C" void ss_sample_draws(void* bitgen, int n_images, const long* H, const long* W,
+                                int batches, int batch, int crop, int flips) {
+  std::vector<ss_cut> cuts(batch);
+  for (int i = 0; i < batches; i++)
+    ss_draw_cuts((ss_bitgen*)bitgen, n_images, H, W, batch, crop, flips, cuts.data());
 }

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim import optimizer as _optim
 
 from selfscale import direct
+from selfscale.crops import BatchStream
 from selfscale.metrics import LOSSES
 from selfscale.model import FCN, MaskedConv2d
 
@@ -155,6 +156,64 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
     """One Adam step on one batch in one kernel call; returns the loss before the update, as
     :func:`selfscale.train.train_step` does, or None, having changed nothing, when the step is
     not one it runs."""
+    step = _step_args(model, optimizer, x, y, loss_fn)
+    if step is None:
+        return None
+    group, model_args = step
+    beta1, beta2 = group["betas"]
+    n, _, h, w = x.shape
+    return direct._library.ss_step(
+        x.data_ptr(), _array(ctypes.c_long, x.stride()), y.data_ptr(),
+        _array(ctypes.c_long, y.stride()), n, h, w, *model_args, float(group["lr"]),
+        float(beta1), float(beta2), float(group["eps"]), float(clip), torch.get_num_threads())
+
+
+STEPS_PER_CALL = 64
+"""The most steps :func:`train_steps` runs (one kernel call: an interrupt waits for it)."""
+
+
+def train_steps(model: FCN, optimizer: torch.optim.Optimizer, batches: BatchStream,
+                lrs: Sequence[float] | None, count: int,
+                loss_fn: Callable[[Tensor, Tensor], Tensor], clip: float = 0.0) -> list[float] | None:
+    """``count`` (≤ :data:`STEPS_PER_CALL`) steps of :func:`train_step`, each on the next batch
+    of ``batches``, at learning rates ``lrs`` (None: the group's), in one kernel call that
+    samples the batches itself (``ss_steps``): the same batches, generator state and results as
+    ``count`` rounds of ``batches.take`` and :func:`train_step`, without the Python between them,
+    and the next batch copied on the stream's helper thread during each step. Returns the
+    losses, fewer when one is not finite (that one last; the generator is then where those
+    steps leave it), or None, having changed nothing, when the steps are not ones it runs."""
+    sampler = batches.kernel_args() if 0 < count <= STEPS_PER_CALL else None
+    if sampler is None:
+        return None
+    x0, y0, x1, y1 = batches.buffers()
+    step = _step_args(model, optimizer, torch.from_numpy(x0), torch.from_numpy(y0), loss_fn)
+    if step is None:
+        return None
+    group, model_args = step
+    stream, rng, n_images, *table, batch, crop, flips = sampler
+    lrs = [float(group["lr"])] * count if lrs is None else [float(lr) for lr in lrs]
+    beta1, beta2 = group["betas"]
+    bits, lib, out = rng.bit_generator, direct._library, (ctypes.c_double * count)()
+    with bits.lock:
+        before = bits.state
+        done = lib.ss_steps(count, _array(ctypes.c_double, lrs), out, stream,
+                            bits.ctypes.bit_generator, n_images, *table, batch, crop, flips,
+                            x0.ctypes.data, y0.ctypes.data, x1.ctypes.data, y1.ctypes.data,
+                            *model_args, float(beta1), float(beta2), float(group["eps"]),
+                            float(clip), torch.get_num_threads())
+        if done < count:  # it diverged: the draws of the batch after that step are undone
+            bits.state = before
+            lib.ss_sample_draws(bits.ctypes.bit_generator, n_images, table[2], table[3], done,
+                                batch, crop, flips)
+    group["lr"] = lrs[done - 1]
+    return out[:done]
+
+
+def _step_args(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[dict, tuple] | None:
+    """The parameter group and ``ss_step``'s arguments from the kernel size to the loss code
+    of a step it runs (None for any other), the Adam state created if missing and the
+    parameters' gradients dropped."""
     prepared = _prepared(model, optimizer, x, y, loss_fn)
     if prepared is None:
         return None
@@ -172,15 +231,7 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
         p.grad = None
     actives = [layer.active_indices() for layer in layers]
     frozen = [None if layer._all("frozen", False) else layer.frozen for layer in layers]
-    n, _, h, w = x.shape
-    beta1, beta2 = group["betas"]
-    lib = direct._library
-    return lib.ss_step(x.data_ptr(), _array(ctypes.c_long, x.stride()), y.data_ptr(),
-                       _array(ctypes.c_long, y.stride()), n, h, w,
-                       *_model_args(optimizer, model, params, tensors, actives, frozen, layout),
-                       code,
-                       float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                       float(clip), torch.get_num_threads())
+    return group, (*_model_args(optimizer, model, params, tensors, actives, frozen, layout), code)
 
 
 def _model_args(optimizer: torch.optim.Optimizer, model: FCN, params: list[Tensor],

@@ -323,7 +323,9 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
             user_hooks.on_checkpoint(state)
 
     train(run.state, data.train, data.eval, spec, until_step=cfg.train.steps,
-          hooks=TrainHooks(on_step, user_hooks.on_eval, checkpoint))
+          hooks=TrainHooks(on_step, user_hooks.on_eval, checkpoint,
+                           on_step_reads_state=(on_step is not user_hooks.on_step
+                                                or user_hooks.on_step_reads_state)))
     run.meta["dead"] = is_dead(run.state.model, data.eval, spec.eval_crop, spec.device)
     save_run(run)
     if run.meta["dead"]:

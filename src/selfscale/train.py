@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from selfscale import direct, direct_step
-from selfscale.crops import center_crops, sample_batch
+from selfscale.crops import BatchStream, center_crops
 from selfscale.data import ImageSet
 from selfscale.errors import TrainingError
 from selfscale.metrics import LOSSES, METRICS
@@ -305,6 +305,10 @@ class TrainHooks:
     on_eval: Callable[[TrainState, dict[str, Any]], bool | None] | None = None
     """After each evaluation; returning True stops the training there (marked ``stopped``)."""
     on_checkpoint: Callable[[TrainState], None] | None = None
+    on_step_reads_state: bool = True
+    """False when ``on_step`` only shows progress (it neither reads nor changes the model,
+    optimizer or generator): the loop may then call it for several steps after they ran, as
+    the direct kernels run up to 64 steps in one call."""
 
 
 def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: TrainSpec, *,
@@ -317,52 +321,88 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
     ``hooks.on_eval`` returns True, and with
     ``spec.keep_best`` it ends on the weights of its best evaluation."""
     hooks = hooks or TrainHooks()
-    loss_fn = LOSSES[spec.loss]
     device = spec.device
     save_every = spec.checkpoint_every or spec.eval_every
     # train_seconds counts on from the last record, so a resumed run reports its whole time
     t0 = time.perf_counter() - (state.history[-1].get("train_seconds", 0.0) if state.history
                                 else 0.0)
     stopped = bool(spec.stop_after and state.history and state.history[-1].get("stopped"))
-    while state.step < until_step and not stopped:
-        # 1. sample a batch (numpy generator: reproducible, saved with the state)
-        x_np, y_np = sample_batch(train_set, state.rng, spec.batch, spec.train_crop, spec.flips)
-        # 2. one optimizer step at the schedule's learning rate
-        if spec.schedule != "constant":
-            for group in state.optimizer.param_groups:
-                group["lr"] = learning_rate(spec, state.step)
-        value = train_step(state.model, state.optimizer, as_input(x_np, device),
-                           as_input(y_np, device), loss_fn, spec.clip)
-        if not math.isfinite(value):
-            raise diverged(state, f"the training loss is {value}")
-        state.step += 1
-        if hooks.on_step:
-            hooks.on_step(state.step, value)
-        # 3. evaluate on the whole eval set every eval_every steps and at the end
-        evaluating = state.step % spec.eval_every == 0 or state.step == until_step
-        saving = hooks.on_checkpoint and (state.step % save_every == 0 or state.step == until_step)
-        if (evaluating or saving) and not finite_weights(state.model):
-            raise diverged(state, "a weight became non-finite")
-        if evaluating:
-            record = {"step": state.step, "loss": value,
-                      **evaluate(state.model, eval_set, spec.eval_crop, device),
-                      "train_seconds": round(time.perf_counter() - t0, 3)}
-            record.pop("n_images")
-            if spec.stop_after and _stagnated([*state.history, record], spec):
-                record["stopped"] = stopped = True
-            state.history.append(record)
-            if spec.keep_best and _improves(state.best, record, spec):
-                state.best = {"step": state.step, "score": record[spec.best_metric],
-                              "model": {k: v.detach().cpu().clone()
-                                        for k, v in state.model.state_dict().items()}}
-            if hooks.on_eval and hooks.on_eval(state, record):
-                record["stopped"] = stopped = True
-        # 4. checkpoint
-        if saving or (stopped and hooks.on_checkpoint):
-            hooks.on_checkpoint(state)
+    unwatched = not (hooks.on_step and hooks.on_step_reads_state)  # no hook sees single steps
+    with BatchStream(train_set, state.rng, spec.batch, spec.train_crop, spec.flips) as batches:
+        while state.step < until_step and not stopped:
+            # 1-2. the steps to the next pause (an evaluation, a checkpoint or the end): each a
+            #      batch (numpy generator: reproducible, saved with the state) and an optimizer
+            #      step at the schedule's learning rate; unwatched, in kernel calls of many
+            count = _steps_to_pause(state.step, until_step, spec.eval_every,
+                                    save_every if hooks.on_checkpoint else 0)
+            for value in _steps(state, batches, spec, count, unwatched):
+                if not math.isfinite(value):
+                    raise diverged(state, f"the training loss is {value}")
+                state.step += 1
+                if hooks.on_step:
+                    hooks.on_step(state.step, value)
+            # 3. evaluate on the whole eval set every eval_every steps and at the end
+            evaluating = state.step % spec.eval_every == 0 or state.step == until_step
+            saving = hooks.on_checkpoint and (state.step % save_every == 0
+                                              or state.step == until_step)
+            if (evaluating or saving) and not finite_weights(state.model):
+                raise diverged(state, "a weight became non-finite")
+            if evaluating:
+                record = {"step": state.step, "loss": value,
+                          **evaluate(state.model, eval_set, spec.eval_crop, device),
+                          "train_seconds": round(time.perf_counter() - t0, 3)}
+                record.pop("n_images")
+                if spec.stop_after and _stagnated([*state.history, record], spec):
+                    record["stopped"] = stopped = True
+                state.history.append(record)
+                if spec.keep_best and _improves(state.best, record, spec):
+                    state.best = {"step": state.step, "score": record[spec.best_metric],
+                                  "model": {k: v.detach().cpu().clone()
+                                            for k, v in state.model.state_dict().items()}}
+                if hooks.on_eval and hooks.on_eval(state, record):
+                    record["stopped"] = stopped = True
+            # 4. checkpoint
+            if saving or (stopped and hooks.on_checkpoint):
+                hooks.on_checkpoint(state)
     if spec.keep_best and state.best and state.best["step"] > spec.schedule_start:
         state.model.load_state_dict(state.best["model"])
     return state
+
+
+def _steps_to_pause(step: int, until_step: int, eval_every: int, save_every: int) -> int:
+    """Steps from ``step`` to the next evaluation, checkpoint (``save_every`` 0: none) or
+    ``until_step``, whichever comes first."""
+    pauses = [until_step, (step // eval_every + 1) * eval_every]
+    if save_every:
+        pauses.append((step // save_every + 1) * save_every)
+    return min(pauses) - step
+
+
+def _steps(state: TrainState, batches: BatchStream, spec: TrainSpec, count: int,
+           unwatched: bool) -> Iterator[float]:
+    """The losses of the next ``count`` training steps, each step made when its loss is asked
+    for. ``unwatched`` (nobody looks at the state between two steps): on the direct kernels, up
+    to :data:`~selfscale.direct_step.STEPS_PER_CALL` steps in one call, and otherwise each
+    step's next batch drawn ahead and copied during the step (the same results either way)."""
+    lrs = (None if spec.schedule == "constant"
+           else [learning_rate(spec, state.step + i) for i in range(count)])
+    loss_fn, done = LOSSES[spec.loss], 0
+    while unwatched and done < count:
+        n = min(count - done, direct_step.STEPS_PER_CALL)
+        losses = direct_step.train_steps(state.model, state.optimizer, batches,
+                                         None if lrs is None else lrs[done:done + n], n,
+                                         loss_fn, spec.clip)
+        if losses is None:
+            break
+        done += len(losses)
+        yield from losses
+    for i in range(done, count):
+        x_np, y_np = batches.take(ahead=unwatched and i + 1 < count)
+        if lrs is not None:
+            for group in state.optimizer.param_groups:
+                group["lr"] = lrs[i]
+        yield train_step(state.model, state.optimizer, as_input(x_np, spec.device),
+                         as_input(y_np, spec.device), loss_fn, spec.clip)
 
 
 def _improves(best: dict[str, Any] | None, record: dict[str, Any], spec: TrainSpec) -> bool:

@@ -149,7 +149,7 @@ def train_progress(total: int, *, quiet: bool, start: int = 0):
             bar.write(f"step {r['step']:>6}  loss {r['loss']:.5f}  f1 {r['f1']:.4f}  "
                       f"mae {r['mae']:.5f}  uiqi {r['uiqi']:.4f}", file=sys.stderr)
 
-    return bar, TrainHooks(on_step=on_step, on_eval=on_eval)
+    return bar, TrainHooks(on_step=on_step, on_eval=on_eval, on_step_reads_state=False)
 
 
 def decision_printer(quiet: bool):

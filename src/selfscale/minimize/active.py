@@ -144,6 +144,7 @@ def train_active(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spe
 
     train(small, train_set, eval_set, spec, until_step=until_step,
           hooks=TrainHooks(on_step=hooks.on_step, on_eval=synced(hooks.on_eval),
-                           on_checkpoint=synced(hooks.on_checkpoint)))
+                           on_checkpoint=synced(hooks.on_checkpoint),
+                           on_step_reads_state=hooks.on_step_reads_state))
     widen_(state, small, kept)
     return state
