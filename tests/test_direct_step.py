@@ -363,3 +363,16 @@ def test_steps_in_one_call_leave_what_they_do_not_run_to_the_caller():
     assert rng.bit_generator.state == state and not st.optimizer.state
     for name, value in st.model.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+def test_steps_per_call_keep_a_call_short_for_large_batches_and_wide_networks():
+    """Forward MACs per call ≤ MACS_PER_CALL, at most STEPS_PER_CALL, at least one step."""
+    full, narrow = FCN((5, 5, 1), 5, 1), FCN((5, 5, 1), 5, 1)
+    for layer, mask in ((0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (1, 3), (1, 4)):
+        narrow.set_enabled(layer, mask, False)  # 1/1/1: 75 MACs a pixel, against 875
+    assert direct_step.steps_per_call(full, 3, 64) == 64
+    assert direct_step.steps_per_call(full, 12, 64) == 10**9 // (12 * 64 * 64 * 875) == 23
+    assert direct_step.steps_per_call(full, 3, 256) == 5
+    assert direct_step.steps_per_call(full, 12, 512) == 1
+    assert direct_step.steps_per_call(narrow, 12, 64) == 64
+    assert direct_step.steps_per_call(narrow, 12, 256) == 10**9 // (12 * 256 * 256 * 75) == 16

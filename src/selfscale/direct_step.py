@@ -36,7 +36,7 @@ from torch.optim import optimizer as _optim
 from selfscale import direct
 from selfscale.crops import BatchStream
 from selfscale.metrics import LOSSES
-from selfscale.model import FCN, MaskedConv2d
+from selfscale.model import FCN, MaskedConv2d, active_macs_per_pixel
 
 LOSS_CODES = {"mae": 0, "mse": 1, "f1": 2}
 """The losses ``ss_step`` computes, by name in :data:`selfscale.metrics.LOSSES`."""
@@ -170,6 +170,17 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
 
 STEPS_PER_CALL = 64
 """The most steps :func:`train_steps` runs (one kernel call: an interrupt waits for it)."""
+MACS_PER_CALL = 10**9
+"""About the most forward multiply-adds a call of :func:`train_steps` is given (a few tenths
+of a second of CPU with the backward pass), so an interrupt or a progress bar waits no longer."""
+
+
+def steps_per_call(model: FCN, batch: int, crop: int) -> int:
+    """How many steps :func:`train_steps` is given at once for ``batch`` crops of ``crop``²:
+    :data:`STEPS_PER_CALL`, fewer for large batches or wide networks (:data:`MACS_PER_CALL`),
+    at least 1."""
+    work = batch * crop * crop * max(active_macs_per_pixel(model), 1)
+    return max(1, min(STEPS_PER_CALL, MACS_PER_CALL // work))
 
 
 def train_steps(model: FCN, optimizer: torch.optim.Optimizer, batches: BatchStream,

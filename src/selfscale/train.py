@@ -381,14 +381,15 @@ def _steps_to_pause(step: int, until_step: int, eval_every: int, save_every: int
 def _steps(state: TrainState, batches: BatchStream, spec: TrainSpec, count: int,
            unwatched: bool) -> Iterator[float]:
     """The losses of the next ``count`` training steps, each step made when its loss is asked
-    for. ``unwatched`` (nobody looks at the state between two steps): on the direct kernels, up
-    to :data:`~selfscale.direct_step.STEPS_PER_CALL` steps in one call, and otherwise each
-    step's next batch drawn ahead and copied during the step (the same results either way)."""
+    for. ``unwatched`` (nobody looks at the state between two steps): on the direct kernels,
+    several steps in one call (:func:`~selfscale.direct_step.steps_per_call`), and otherwise
+    each step's next batch drawn ahead and copied during the step (the same results)."""
     lrs = (None if spec.schedule == "constant"
            else [learning_rate(spec, state.step + i) for i in range(count)])
     loss_fn, done = LOSSES[spec.loss], 0
+    per_call = direct_step.steps_per_call(state.model, spec.batch, spec.train_crop)
     while unwatched and done < count:
-        n = min(count - done, direct_step.STEPS_PER_CALL)
+        n = min(count - done, per_call)
         losses = direct_step.train_steps(state.model, state.optimizer, batches,
                                          None if lrs is None else lrs[done:done + n], n,
                                          loss_fn, spec.clip)
