@@ -127,6 +127,23 @@ def test_steps_in_kernel_calls_equal_steps_one_by_one(image_dir, tmp_path, monke
     assert calls == [64, 36, 50] * 2  # to the evaluation at 100, then to the end
 
 
+def test_a_hook_every_n_steps_sees_the_state_of_its_step(image_dir, tmp_path):
+    """on_every runs at a pause after every 7th step (the steps in between in kernel calls):
+    it sees the weights a step-by-step hook sees at those steps."""
+    def grab(store, state):
+        store[state.step] = state.model.layers[0].weight.detach().clone()
+
+    every, by_step = {}, {}
+    cfg = _config(image_dir, tmp_path / "c", steps=40, conv="direct")
+    _train(start_run(cfg, tmp_path / "a"),
+           hooks=TrainHooks(every=7, on_every=lambda state: grab(every, state)))
+    run = start_run(cfg, tmp_path / "b")
+    _train(run, hooks=TrainHooks(on_step=lambda step, loss: step % 7 or grab(by_step, run.state)))
+    assert sorted(every) == sorted(by_step) == [7, 14, 21, 28, 35]
+    assert all(torch.equal(every[s], by_step[s]) for s in every)
+    assert not torch.equal(every[7], every[14])
+
+
 def test_evaluate_matches_metric_functions(image_dir, tmp_path):
     """evaluate() is the per-image metric mean over centre crops of the eval set."""
     from selfscale.crops import center_crops

@@ -303,7 +303,7 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
         run.meta["init_redraws"] = revive_dead_init(run.state, as_input(probe, spec.device),
                                                     spec.init)
     user_hooks = hooks or TrainHooks()
-    on_step = user_hooks.on_step
+    shots = None
     if cfg.train.snapshot_every:  # small eval outputs for `selfscale visualize`
         from selfscale.snapshots import Snapshotter
 
@@ -311,21 +311,15 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
         if run.state.step == 0:
             shots.take(run.state.model, 0)
 
-        def on_step(step: int, loss: float) -> None:
-            if shots.due(step):
-                shots.take(run.state.model, step)
-            if user_hooks.on_step:
-                user_hooks.on_step(step, loss)
-
     def checkpoint(state: TrainState) -> None:
         save_run(run)
         if user_hooks.on_checkpoint:
             user_hooks.on_checkpoint(state)
 
     train(run.state, data.train, data.eval, spec, until_step=cfg.train.steps,
-          hooks=TrainHooks(on_step, user_hooks.on_eval, checkpoint,
-                           on_step_reads_state=(on_step is not user_hooks.on_step
-                                                or user_hooks.on_step_reads_state)))
+          hooks=dataclasses.replace(user_hooks, on_checkpoint=checkpoint, **(
+              {"every": shots.every, "on_every": lambda st: shots.take(st.model, st.step)}
+              if shots else {})))
     run.meta["dead"] = is_dead(run.state.model, data.eval, spec.eval_crop, spec.device)
     save_run(run)
     if run.meta["dead"]:

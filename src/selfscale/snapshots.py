@@ -60,9 +60,6 @@ class Snapshotter:
                                _npz_bytes(inputs=to_uint8(self.inputs[:, 0]),
                                           targets=to_uint8(targets[:, 0])))
 
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
-
     @torch.no_grad()
     def take(self, model: FCN, step: int) -> Path:
         """Store the output of ``model`` at ``step``."""

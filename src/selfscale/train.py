@@ -309,6 +309,9 @@ class TrainHooks:
     """False when ``on_step`` only shows progress (it neither reads nor changes the model,
     optimizer or generator): the loop may then call it for several steps after they ran, as
     the direct kernels run up to 64 steps in one call."""
+    every: int = 0
+    on_every: Callable[[TrainState], None] | None = None
+    """After every ``every``-th step (a pause, like an evaluation: the state is that step's)."""
 
 
 def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: TrainSpec, *,
@@ -334,13 +337,16 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
             #      batch (numpy generator: reproducible, saved with the state) and an optimizer
             #      step at the schedule's learning rate; unwatched, in kernel calls of many
             count = _steps_to_pause(state.step, until_step, spec.eval_every,
-                                    save_every if hooks.on_checkpoint else 0)
+                                    save_every if hooks.on_checkpoint else 0,
+                                    hooks.every if hooks.on_every else 0)
             for value in _steps(state, batches, spec, count, unwatched):
                 if not math.isfinite(value):
                     raise diverged(state, f"the training loss is {value}")
                 state.step += 1
                 if hooks.on_step:
                     hooks.on_step(state.step, value)
+            if hooks.on_every and state.step % hooks.every == 0:
+                hooks.on_every(state)
             # 3. evaluate on the whole eval set every eval_every steps and at the end
             evaluating = state.step % spec.eval_every == 0 or state.step == until_step
             saving = hooks.on_checkpoint and (state.step % save_every == 0
@@ -369,13 +375,10 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
     return state
 
 
-def _steps_to_pause(step: int, until_step: int, eval_every: int, save_every: int) -> int:
-    """Steps from ``step`` to the next evaluation, checkpoint (``save_every`` 0: none) or
-    ``until_step``, whichever comes first."""
-    pauses = [until_step, (step // eval_every + 1) * eval_every]
-    if save_every:
-        pauses.append((step // save_every + 1) * save_every)
-    return min(pauses) - step
+def _steps_to_pause(step: int, until_step: int, *periods: int) -> int:
+    """Steps from ``step`` to ``until_step`` or the next multiple of one of ``periods`` (0:
+    none), whichever comes first."""
+    return min(until_step, *((step // p + 1) * p for p in periods if p)) - step
 
 
 def _steps(state: TrainState, batches: BatchStream, spec: TrainSpec, count: int,
