@@ -22,6 +22,12 @@ the autograd path to float rounding (the loss is summed in another order, the up
 may be fused), not bit for bit; one machine and thread count give one result. No ``.grad`` is left
 on the parameters. Anything else (another optimizer or option, hooks on a parameter or the
 optimizer, another loss, an input or target it does not cover) takes the autograd path.
+
+:func:`train_steps` runs several such steps in one call (``ss_steps``), each on the next batch
+of a :class:`~selfscale.crops.BatchStream`, drawn in the kernel the way
+:func:`~selfscale.crops.sample_batch` draws it: the training loop uses it between two pauses
+when no hook looks at single steps, so a narrow network's step no longer pays for the Python
+around the call and the copy of its batch (made on a helper thread during the step before).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ scattering are exact copies, so a checkpoint written during a narrow training re
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -143,8 +144,8 @@ def train_active(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spe
         return call
 
     train(small, train_set, eval_set, spec, until_step=until_step,
-          hooks=TrainHooks(on_step=hooks.on_step, on_eval=synced(hooks.on_eval),
-                           on_checkpoint=synced(hooks.on_checkpoint),
-                           on_step_reads_state=hooks.on_step_reads_state))
+          hooks=dataclasses.replace(hooks, on_eval=synced(hooks.on_eval),
+                                    on_checkpoint=synced(hooks.on_checkpoint),
+                                    on_every=synced(hooks.on_every)))
     widen_(state, small, kept)
     return state
