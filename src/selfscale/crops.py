@@ -43,8 +43,7 @@ def sample_batch(images: ImageSet, rng: np.random.Generator, batch: int, crop: i
     drawn = _sample_kernel(images, rng, batch, crop, flips)
     if drawn is not None:
         return drawn
-    xs = np.empty((batch, 1, crop, crop), dtype=np.float32)
-    ys = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    xs, ys = _empty_batch(batch, crop)
     count = len(images)
     for i in range(batch):
         k = int(rng.integers(count))
@@ -95,21 +94,17 @@ class BatchStream:
 
     def __init__(self, images: ImageSet, rng: np.random.Generator, batch: int, crop: int,
                  flips: bool, helper: bool | None = None) -> None:
-        from selfscale import direct
-
         if helper is None:
             helper = spare_core()
         self._args = (images, rng, batch, crop, flips)
-        self._lib = direct._library
-        self._stream = self._table = self._buffers = None
+        self._lib = self._table = self._stream = self._buffers = None
         self._next: tuple[np.ndarray, np.ndarray, dict] | None = None
-        if self._lib is not None and type(rng) is np.random.Generator and len(images):
-            table = _kernel_table(images)
-            if table is not None and crop <= table["min_side"]:
-                self._table = table
-                self._keep = _TABLES[id(images)]  # the arrays the pointers point into
-                if helper:
-                    self._stream = self._lib.ss_stream_new() or None
+        sampler = _kernel_sampler(images, rng, crop)
+        if sampler is not None:
+            self._lib, self._table = sampler
+            self._keep = _TABLES[id(images)]  # the arrays the pointers point into
+            if helper:
+                self._stream = self._lib.ss_stream_new() or None
 
     @property
     def threaded(self) -> bool:
@@ -129,9 +124,18 @@ class BatchStream:
         """Two pairs of batch buffers (x0, y0, x1, y1), (N, 1, crop, crop) float32, kept."""
         if self._buffers is None:
             _, _, batch, crop, _ = self._args
-            self._buffers = tuple(np.empty((batch, 1, crop, crop), dtype=np.float32)
-                                  for _ in range(4))
+            self._buffers = (*_empty_batch(batch, crop), *_empty_batch(batch, crop))
         return self._buffers
+
+    def rewind(self, state: dict, batches: int) -> None:
+        """Put the generator back to ``state`` and make the draws of ``batches`` batches again,
+        without their copies (after a kernel call that drew a batch it did not use)."""
+        images, rng, batch, crop, flips = self._args
+        bits = rng.bit_generator
+        with bits.lock:
+            bits.state = state
+            self._lib.ss_sample_draws(bits.ctypes.bit_generator, len(images), self._table["H"],
+                                      self._table["W"], batches, batch, crop, int(flips))
 
     def take(self, ahead: bool) -> tuple[np.ndarray, np.ndarray]:
         """The next batch, (N, 1, crop, crop) inputs and targets; with ``ahead``, the draws of
@@ -144,8 +148,7 @@ class BatchStream:
             xs, ys = sample_batch(*self._args)
         if ahead and self._stream is not None:
             images, rng, batch, crop, flips = self._args
-            nx = np.empty((batch, 1, crop, crop), dtype=np.float32)
-            ny = np.empty((batch, 1, crop, crop), dtype=np.float32)
+            nx, ny = _empty_batch(batch, crop)
             bits = rng.bit_generator
             with bits.lock:
                 before = bits.state
@@ -189,23 +192,39 @@ def center_crops(images: ImageSet, crop: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-def _sample_kernel(images: ImageSet, rng: np.random.Generator, batch: int, crop: int,
-                   flips: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`sample_batch` in one call of the direct kernels (``ss_sample``), when they are
-    loaded, ``rng`` is a numpy Generator and every image suits them (float32 rows, columns
-    contiguous, at least ``crop`` on both sides); None otherwise. It makes the same draws on
-    the generator's own bit generator in the same order, so the crops, and the generator's
-    state after them, are the same; the Python loop spent about 15 µs a crop on numpy calls."""
+def _empty_batch(batch: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uninitialized inputs and targets of a batch, (N, 1, crop, crop) float32."""
+    return (np.empty((batch, 1, crop, crop), dtype=np.float32),
+            np.empty((batch, 1, crop, crop), dtype=np.float32))
+
+
+def _kernel_sampler(images: ImageSet, rng: np.random.Generator,
+                    crop: int) -> tuple[ctypes.CDLL, dict[str, Any]] | None:
+    """The loaded kernels and ``images``' table when ``ss_sample`` takes this set, generator
+    and crop: the kernels are loaded, ``rng`` is a numpy Generator and every image suits them
+    (float32 rows, columns contiguous, at least ``crop`` on both sides); None otherwise."""
     from selfscale import direct
 
     lib = direct._library
-    if lib is None or type(rng) is not np.random.Generator:
+    if lib is None or type(rng) is not np.random.Generator or not len(images):
         return None
     table = _kernel_table(images)
     if table is None or crop > table["min_side"]:
         return None  # the Python loop says which image is too small
-    xs = np.empty((batch, 1, crop, crop), dtype=np.float32)
-    ys = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    return lib, table
+
+
+def _sample_kernel(images: ImageSet, rng: np.random.Generator, batch: int, crop: int,
+                   flips: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`sample_batch` in one call of the direct kernels (``ss_sample``) where they take
+    the set (:func:`_kernel_sampler`); None otherwise. It makes the same draws on the
+    generator's own bit generator in the same order, so the crops, and the generator's state
+    after them, are the same; the Python loop spent about 15 µs a crop on numpy calls."""
+    sampler = _kernel_sampler(images, rng, crop)
+    if sampler is None:
+        return None
+    lib, table = sampler
+    xs, ys = _empty_batch(batch, crop)
     bits = rng.bit_generator
     with bits.lock:
         lib.ss_sample(bits.ctypes.bit_generator, len(images), *table["args"], batch, crop,
@@ -235,9 +254,9 @@ def _kernel_table(images: ImageSet) -> dict[str, Any] | None:
             return (ctypes.c_long * len(values))(*values)
         pointers = [(ctypes.c_void_p * len(arrays))(*[p[i].ctypes.data for p in arrays])
                     for i in (0, 1)]
-        table = {"min_side": min(min(x.shape) for x, _ in arrays),
-                 "args": (*pointers, longs([x.shape[0] for x, _ in arrays]),
-                          longs([x.shape[1] for x, _ in arrays]),
+        heights, widths = (longs([x.shape[i] for x, _ in arrays]) for i in (0, 1))
+        table = {"min_side": min(min(x.shape) for x, _ in arrays), "H": heights, "W": widths,
+                 "args": (*pointers, heights, widths,
                           longs([x.strides[0] // 4 for x, _ in arrays]),
                           longs([y.strides[0] // 4 for _, y in arrays]))}
     if len(_TABLES) >= 8:

@@ -166,12 +166,11 @@ def train_step(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tenso
     if step is None:
         return None
     group, model_args = step
-    beta1, beta2 = group["betas"]
     n, _, h, w = x.shape
     return direct._library.ss_step(
         x.data_ptr(), _array(ctypes.c_long, x.stride()), y.data_ptr(),
         _array(ctypes.c_long, y.stride()), n, h, w, *model_args, float(group["lr"]),
-        float(beta1), float(beta2), float(group["eps"]), float(clip), torch.get_num_threads())
+        *_options(group, clip))
 
 
 STEPS_PER_CALL = 64
@@ -207,23 +206,27 @@ def train_steps(model: FCN, optimizer: torch.optim.Optimizer, batches: BatchStre
     if step is None:
         return None
     group, model_args = step
-    stream, rng, n_images, *table, batch, crop, flips = sampler
+    stream, rng, *sample_args = sampler
     lrs = [float(group["lr"])] * count if lrs is None else [float(lr) for lr in lrs]
-    beta1, beta2 = group["betas"]
-    bits, lib, out = rng.bit_generator, direct._library, (ctypes.c_double * count)()
+    bits, out = rng.bit_generator, (ctypes.c_double * count)()
     with bits.lock:
         before = bits.state
-        done = lib.ss_steps(count, _array(ctypes.c_double, lrs), out, stream,
-                            bits.ctypes.bit_generator, n_images, *table, batch, crop, flips,
-                            x0.ctypes.data, y0.ctypes.data, x1.ctypes.data, y1.ctypes.data,
-                            *model_args, float(beta1), float(beta2), float(group["eps"]),
-                            float(clip), torch.get_num_threads())
-        if done < count:  # it diverged: the draws of the batch after that step are undone
-            bits.state = before
-            lib.ss_sample_draws(bits.ctypes.bit_generator, n_images, table[2], table[3], done,
-                                batch, crop, flips)
+        done = direct._library.ss_steps(
+            count, _array(ctypes.c_double, lrs), out, stream, bits.ctypes.bit_generator,
+            *sample_args, x0.ctypes.data, y0.ctypes.data, x1.ctypes.data, y1.ctypes.data,
+            *model_args, *_options(group, clip))
+    if done < count:  # it diverged: the draws of the batch after that step are undone
+        batches.rewind(before, done)
     group["lr"] = lrs[done - 1]
     return out[:done]
+
+
+def _options(group: dict, clip: float) -> tuple[float, float, float, float, int]:
+    """``ss_step``'s arguments after the learning rate: Adam's betas and eps, the clip norm
+    and the thread count."""
+    beta1, beta2 = group["betas"]
+    return (float(beta1), float(beta2), float(group["eps"]), float(clip),
+            torch.get_num_threads())
 
 
 def _step_args(model: FCN, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,

@@ -303,23 +303,22 @@ def train_run(run: Run, data: Datasets, *, hooks: TrainHooks | None = None) -> R
         run.meta["init_redraws"] = revive_dead_init(run.state, as_input(probe, spec.device),
                                                     spec.init)
     user_hooks = hooks or TrainHooks()
-    shots = None
-    if cfg.train.snapshot_every:  # small eval outputs for `selfscale visualize`
-        from selfscale.snapshots import Snapshotter
-
-        shots = Snapshotter(run.path, data.eval, cfg.train.snapshot_every)
-        if run.state.step == 0:
-            shots.take(run.state.model, 0)
 
     def checkpoint(state: TrainState) -> None:
         save_run(run)
         if user_hooks.on_checkpoint:
             user_hooks.on_checkpoint(state)
 
-    train(run.state, data.train, data.eval, spec, until_step=cfg.train.steps,
-          hooks=dataclasses.replace(user_hooks, on_checkpoint=checkpoint, **(
-              {"every": shots.every, "on_every": lambda st: shots.take(st.model, st.step)}
-              if shots else {})))
+    train_hooks = dataclasses.replace(user_hooks, on_checkpoint=checkpoint)
+    if cfg.train.snapshot_every:  # small eval outputs for `selfscale visualize`
+        from selfscale.snapshots import Snapshotter
+
+        shots = Snapshotter(run.path, data.eval, cfg.train.snapshot_every)
+        if run.state.step == 0:
+            shots.take(run.state.model, 0)
+        train_hooks = dataclasses.replace(train_hooks, every=shots.every,
+                                          on_every=lambda st: shots.take(st.model, st.step))
+    train(run.state, data.train, data.eval, spec, until_step=cfg.train.steps, hooks=train_hooks)
     run.meta["dead"] = is_dead(run.state.model, data.eval, spec.eval_crop, spec.device)
     save_run(run)
     if run.meta["dead"]:
