@@ -496,15 +496,21 @@ def section_inference(ctx: Ctx) -> tuple[list, dict]:
                            "mac_reduction": red, "forwards_per_s": rates,
                            "compact_compare_speed": compare_speed(full, small, x)}
     rows = []
-    for rt in ("torch", "onnxruntime"):
+    for rt in ("torch", "onnxruntime", "onnxruntime-defaults"):
         what = f"inference {rt} {n}×{side}²: speed-up 5/5/1 → 3/2/1"
         if f"{rt} full" not in rates:
             rows.append(row(what, None, note=f"skipped: {onnx_skip}"))
             continue
         raw[f"{rt}_speedup"] = up = rates[f"{rt} compact"]["best"] / rates[f"{rt} full"]["best"]
-        cpu = " (CPU)" if rt == "onnxruntime" and ctx.device.type == "cuda" else ""
+        cpu = " (CPU)" if rt.startswith("onnxruntime") and ctx.device.type == "cuda" else ""
         rows.append(row(f"{what}{cpu} {up:.2f} / MAC reduction {red:.2f}", up / red,
-                        (">=", 0.8)))
+                        None if rt.endswith("defaults") else (">=", 0.8)))
+    if onnx_skip is None:
+        for net in ("full", "compact"):
+            raw[f"onnx_session_over_defaults_{net}"] = r = \
+                rates[f"onnxruntime {net}"]["best"] / rates[f"onnxruntime-defaults {net}"]["best"]
+            rows.append(row(f"inference onnxruntime {n}×{side}² {net}: compact.onnx_session / "
+                            "onnxruntime's defaults", r))
     if vs_torch:
         for net in ("full", "compact"):
             raw[f"direct_over_torch_{net}"] = r = rates[f"torch {net}"]["best"] / \
@@ -528,23 +534,22 @@ def on_conv(conv: str, fn: Callable, *args) -> None:
 
 
 def onnx_fns(ctx: Ctx, full, masked, x, fns: dict) -> str | None:
-    """Add ONNX Runtime forwards of both networks (written by compact.export) to ``fns``;
-    returns why not when the onnx extra is missing or the export fails."""
-    from selfscale.compact import export
+    """Add ONNX Runtime forwards of both networks (written by compact.export) to ``fns``, run as
+    compact.onnx_session runs them ("onnxruntime") and with onnxruntime's default optimizers
+    ("onnxruntime-defaults"); returns why not when the onnx extra is missing or the export
+    fails."""
+    from selfscale.compact import export, onnx_session
 
     try:
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = ctx.threads, 1
-        opts.log_severity_level = 3
         feed = {"image": x.detach().to("cpu").contiguous().numpy()}
         with tempfile.TemporaryDirectory() as tmp:
             for name, model in (("full", full), ("compact", masked)):
                 path = Path(tmp) / f"{name}.onnx"
                 export(model, "onnx", path, check_inputs=torch.rand(1, 1, 32, 32))
-                sess = ort.InferenceSession(path.read_bytes(), opts,
-                                            providers=["CPUExecutionProvider"])
-                fns[f"onnxruntime {name}"] = partial(sess.run, None, feed)
+                for rt, defaults in (("onnxruntime", False), ("onnxruntime-defaults", True)):
+                    sess = onnx_session(path.read_bytes(), threads=ctx.threads,
+                                        defaults=defaults)
+                    fns[f"{rt} {name}"] = partial(sess.run, None, feed)
     except Exception as exc:  # noqa: BLE001 - no onnx extra, an exporter failure: say why
         return failure(exc)
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import platform
 import sys
 
 import pytest
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 
 from selfscale.checkpoint import save_state
 from selfscale.compact import (ExportMismatchError, architecture, compact_model, compare_speed,
-                               export, load_compact, plain_torch_module, verify_compact)
+                               export, load_compact, onnx_session, plain_torch_module,
+                               verify_compact)
 from selfscale.errors import CheckpointError, ConfigError, SelfscaleError
 from selfscale.model import FCN, active_parameter_count, build_model
 
@@ -307,6 +309,32 @@ def test_failed_onnx_check_writes_nothing(tmp_path, monkeypatch):
         export(thesis_net_six_off(), "onnx", tmp_path / "net.onnx",
                check_inputs=torch.rand(1, 1, 8, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_session_runs_without_the_nchwc_layout(tmp_path):
+    """onnx_session's graph keeps the plain NCHW convolutions (no node of onnxruntime's NCHWc
+    domain, which pads each layer to 16 channels) and equals the compact network; onnxruntime's
+    defaults on x86 do rewrite it to NCHWc (what the session is there to avoid)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = thesis_net_six_off()
+    path = tmp_path / "net.onnx"
+    export(model, "onnx", path, check_inputs=torch.rand(1, 1, 8, 8))
+    x = torch.rand(2, 1, 19, 23)
+    with torch.no_grad():
+        expected = compact_model(model)(x)
+    nodes = {}
+    for defaults in (False, True):
+        graph = tmp_path / f"optimized-{defaults}.onnx"
+        session = onnx_session(path, threads=1, defaults=defaults, optimized_path=graph)
+        (out,) = session.run(["edges"], {"image": x.numpy()})
+        assert torch.allclose(torch.from_numpy(out), expected, rtol=0, atol=1e-5)
+        nodes[defaults] = [(n.domain, n.op_type) for n in onnx.load(str(graph)).graph.node]
+    assert len([op for _, op in nodes[False] if op in ("Conv", "FusedConv")]) == 3  # one a layer
+    assert all(domain != "com.microsoft.nchwc" for domain, _ in nodes[False])
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert ("com.microsoft.nchwc", "Conv") in nodes[True]
 
 
 def test_missing_onnx_extra_is_a_clear_config_error(tmp_path, monkeypatch):

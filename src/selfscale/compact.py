@@ -25,6 +25,9 @@ A ``--format torch`` file needs neither selfscale nor pickled code; plain PyTorc
 (:func:`plain_torch_module` is that recipe.) A ``--format onnx`` file is that network exported by
 ``torch.onnx.export(dynamo=True)`` (opset 18): input ``image``, output ``edges``, dynamic batch,
 height and width; the same dict is stored as JSON in its metadata under ``selfscale.architecture``.
+Run it with :func:`onnx_session` (or onnxruntime with ``disabled_optimizers=["NchwcTransformer"]``):
+onnxruntime's default NCHWc layout pads every convolution to 16 output channels (AVX-512), so on
+these narrow networks it is 2-3× slower, and a compact network hardly faster than the full one.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ ONNX_OPSET = 18  # the lowest opset torch's exporter writes without a version co
 ONNX_INPUT, ONNX_OUTPUT = "image", "edges"
 ONNX_META_KEY = "selfscale.architecture"
 ATOL = 1e-5
+#: onnxruntime graph optimizers :func:`onnx_session` turns off. The NCHWc layout pass pads each
+#: convolution's outputs to a block of 16 channels (8 with AVX2): a 3-mask layer then costs
+#: as much as a 16-mask one (measured in benchmarks/speed.py's inference section).
+ORT_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 """Largest |masked − compact| accepted on the check inputs (float32 summation order only)."""
 ONNX_EXTRA_MISSING = "--format onnx needs the 'onnx' extra: pip install 'selfscale[onnx]'"
 
@@ -256,20 +263,37 @@ def _quiet():
         log.setLevel(level)
 
 
-def _onnx_max_abs_diff(data: bytes, compact: nn.Module, inputs: Tensor,
-                       atol: float = ATOL) -> float:
-    """Run the ONNX bytes with onnxruntime (CPU) on ``inputs`` and compare with ``compact``;
-    above ``atol`` → :class:`ExportMismatchError`."""
+def onnx_session(model: bytes | Path, *, threads: int | None = None, defaults: bool = False,
+                 optimized_path: Path | None = None):
+    """An onnxruntime CPU session for an exported file (its bytes or its path), without the
+    optimizers in :data:`ORT_DISABLED_OPTIMIZERS`; ``defaults=True``: onnxruntime's own choice.
+    ``threads``: intra-op threads (inter-op 1); ``optimized_path``: where onnxruntime writes the
+    graph it runs (to inspect it)."""
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    off = [] if defaults else list(ORT_DISABLED_OPTIMIZERS)
+    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options,
+                                providers=["CPUExecutionProvider"], disabled_optimizers=off)
 
-    def run(x: Tensor) -> Tensor:
-        feed = {ONNX_INPUT: x.detach().to("cpu", torch.float32).contiguous().numpy()}
-        return torch.from_numpy(session.run([ONNX_OUTPUT], feed)[0])
 
-    diff = max_abs_diff(run, compact, inputs)
+def _onnx_max_abs_diff(data: bytes, compact: nn.Module, inputs: Tensor,
+                       atol: float = ATOL) -> float:
+    """Run the ONNX bytes with onnxruntime (CPU; as :func:`onnx_session` runs them and with
+    onnxruntime's defaults) on ``inputs`` and compare with ``compact``; the larger difference
+    above ``atol`` → :class:`ExportMismatchError`."""
+    def runner(session) -> Callable[[Tensor], Tensor]:
+        def run(x: Tensor) -> Tensor:
+            feed = {ONNX_INPUT: x.detach().to("cpu", torch.float32).contiguous().numpy()}
+            return torch.from_numpy(session.run([ONNX_OUTPUT], feed)[0])
+        return run
+
+    diff = max(max_abs_diff(runner(onnx_session(data, defaults=d)), compact, inputs)
+               for d in (False, True))
     if not diff <= atol:
         raise ExportMismatchError(f"onnxruntime output differs from PyTorch by {diff:.3g} "
                                   f"(> {atol:g}) on the check inputs; nothing was written")

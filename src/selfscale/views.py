@@ -99,6 +99,10 @@ def minimization_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ONNX_TIP = ("  run it with onnxruntime's NchwcTransformer off (selfscale.compact.onnx_session): "
+            "it pads every layer to 16 channels")
+
+
 def export_text(r, stage: str, n_crops: int, speed: dict[str, float]) -> str:
     onnx = (f", max |onnxruntime - torch| = {r.onnx_max_abs_diff:.2e}"
             if r.onnx_max_abs_diff is not None else "")
@@ -109,7 +113,8 @@ def export_text(r, stage: str, n_crops: int, speed: dict[str, float]) -> str:
         f"{r.macs_before} -> {r.macs_after}",
         f"  checked on {n_crops} eval crops: max |masked - compact| = {r.max_abs_diff:.2e}{onnx}",
         f"  inference on the same crops (median of 20): masked {speed['masked_s'] * 1e3:.2f} ms,"
-        f" compact {speed['compact_s'] * 1e3:.2f} ms ({speed['speedup']:.2f}x)"])
+        f" compact {speed['compact_s'] * 1e3:.2f} ms ({speed['speedup']:.2f}x)",
+        *([ONNX_TIP] if r.format == "onnx" else [])])
 
 
 def demo_text(task: str, res: dict[str, Any]) -> str:
