@@ -26,8 +26,9 @@ A ``--format torch`` file needs neither selfscale nor pickled code; plain PyTorc
 ``torch.onnx.export(dynamo=True)`` (opset 18): input ``image``, output ``edges``, dynamic batch,
 height and width; the same dict is stored as JSON in its metadata under ``selfscale.architecture``.
 Run it with :func:`onnx_session` (or onnxruntime with ``disabled_optimizers=["NchwcTransformer"]``):
-onnxruntime's default NCHWc layout pads every convolution to 16 output channels (AVX-512), so on
-these narrow networks it is 2-3× slower, and a compact network hardly faster than the full one.
+onnxruntime's default NCHWc layout pads every convolution to 16 output channels (AVX-512), so a
+compact network gains less than its MACs say (on one core here: 3/2/1 with 5×5 kernels 1.3× slower
+with the defaults, with 3×3 kernels 2.6× slower; benchmarks/speed.py measures it).
 """
 
 from __future__ import annotations
