@@ -74,10 +74,12 @@ def test_the_same_command_again_runs_nothing(strategies_dir, address, capsys):
 
 
 def test_a_killed_study_finishes_only_the_rest(address, tmp_path, capsys):
-    """Kill the client after some trials; the same command runs only the trials not done."""
+    """Kill the client after some trials; the same command runs only the trials not done.
+    Six minimizations on two workers: the client writes finished trials every POLL_SECONDS
+    (0.5 s), and at these lengths (0.3-2 s each) three were once written in one go."""
     out = tmp_path / "killed"
-    args = [*TINY, "--strategies", "l1", "--thresholds", "0.9,0.95,1", "--address", address,
-            "--out", str(out), "--no-report"]
+    args = [*TINY, "--strategies", "l1", "--thresholds", "0.8,0.85,0.9,0.95,0.98,1",
+            "--address", address, "--out", str(out), "--no-report"]
     proc = subprocess.Popen([sys.executable, "-m", "selfscale", "study", "strategies", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -86,12 +88,12 @@ def test_a_killed_study_finishes_only_the_rest(address, tmp_path, capsys):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")}
-    assert 2 <= len(kept) < 4, "the study was not interrupted half-way"
+    assert 2 <= len(kept) < 7, "the study was not interrupted half-way"
     assert main(["study", "strategies", *args]) == 0
-    assert f"{4 - len(kept)} done now, {len(kept)} skipped" in capsys.readouterr().out
+    assert f"{7 - len(kept)} done now, {len(kept)} skipped" in capsys.readouterr().out
     assert kept == {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")
                     if p.name in kept}
-    assert len(list((out / "trials").glob("*.json"))) == 4
+    assert len(list((out / "trials").glob("*.json"))) == 7
 
 
 class _Page(HTMLParser):
