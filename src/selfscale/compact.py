@@ -27,8 +27,8 @@ A ``--format torch`` file needs neither selfscale nor pickled code; plain PyTorc
 height and width; the same dict is stored as JSON in its metadata under ``selfscale.architecture``.
 Run it with :func:`onnx_session` (or onnxruntime with ``disabled_optimizers=["NchwcTransformer"]``):
 onnxruntime's default NCHWc layout pads every convolution to 16 output channels (AVX-512), so a
-compact network gains less than its MACs say (on one core here: 3/2/1 with 5×5 kernels 1.3× slower
-with the defaults, with 3×3 kernels 2.6× slower; benchmarks/speed.py measures it).
+compact network gains less than its MACs say (benchmarks/speed.py's inference section measures
+both: the thesis's 5/5/1 compacted to 3/2/1 ran 1.2–1.4× faster without that pass).
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ ONNX_OPSET = 18  # the lowest opset torch's exporter writes without a version co
 ONNX_INPUT, ONNX_OUTPUT = "image", "edges"
 ONNX_META_KEY = "selfscale.architecture"
 ATOL = 1e-5
-#: onnxruntime graph optimizers :func:`onnx_session` turns off. The NCHWc layout pass pads each
-#: convolution's outputs to a block of 16 channels (8 with AVX2): a 3-mask layer then costs
-#: as much as a 16-mask one (measured in benchmarks/speed.py's inference section).
-ORT_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 """Largest |masked − compact| accepted on the check inputs (float32 summation order only)."""
+ORT_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+"""onnxruntime graph optimizers :func:`onnx_session` turns off. The NCHWc layout pass pads each
+convolution's outputs to a block of 16 channels (8 with AVX2): a 3-mask layer then costs as much
+as a 16-mask one (measured in benchmarks/speed.py's inference section)."""
 ONNX_EXTRA_MISSING = "--format onnx needs the 'onnx' extra: pip install 'selfscale[onnx]'"
 
 _FIXED_KEYS = ("format", "version", "in_channels", "kernel", "widths", "padding", "activation",
