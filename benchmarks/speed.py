@@ -547,8 +547,7 @@ def onnx_fns(ctx: Ctx, full, masked, x, fns: dict) -> str | None:
                 path = Path(tmp) / f"{name}.onnx"
                 export(model, "onnx", path, check_inputs=torch.rand(1, 1, 32, 32))
                 for rt, defaults in (("onnxruntime", False), ("onnxruntime-defaults", True)):
-                    sess = onnx_session(path.read_bytes(), threads=ctx.threads,
-                                        defaults=defaults)
+                    sess = onnx_session(path, threads=ctx.threads, defaults=defaults)
                     fns[f"{rt} {name}"] = partial(sess.run, None, feed)
     except Exception as exc:  # noqa: BLE001 - no onnx extra, an exporter failure: say why
         return failure(exc)

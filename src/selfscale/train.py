@@ -326,6 +326,7 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
     hooks = hooks or TrainHooks()
     device = spec.device
     save_every = spec.checkpoint_every or spec.eval_every
+    every = hooks.every if hooks.on_every else 0  # 0: no on_every pauses
     # train_seconds counts on from the last record, so a resumed run reports its whole time
     t0 = time.perf_counter() - (state.history[-1].get("train_seconds", 0.0) if state.history
                                 else 0.0)
@@ -337,15 +338,14 @@ def train(state: TrainState, train_set: ImageSet, eval_set: ImageSet, spec: Trai
             #      batch (numpy generator: reproducible, saved with the state) and an optimizer
             #      step at the schedule's learning rate; unwatched, in kernel calls of many
             count = _steps_to_pause(state.step, until_step, spec.eval_every,
-                                    save_every if hooks.on_checkpoint else 0,
-                                    hooks.every if hooks.on_every else 0)
+                                    save_every if hooks.on_checkpoint else 0, every)
             for value in _steps(state, batches, spec, count, unwatched):
                 if not math.isfinite(value):
                     raise diverged(state, f"the training loss is {value}")
                 state.step += 1
                 if hooks.on_step:
                     hooks.on_step(state.step, value)
-            if hooks.on_every and state.step % hooks.every == 0:
+            if every and state.step % every == 0:
                 hooks.on_every(state)
             # 3. evaluate on the whole eval set every eval_every steps and at the end
             evaluating = state.step % spec.eval_every == 0 or state.step == until_step
