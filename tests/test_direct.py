@@ -118,6 +118,56 @@ def test_same_threads_give_bit_identical_results():
         torch.set_num_threads(before)
 
 
+def _padded_rand(n, c, h, wd, k, gen):
+    buf = torch.zeros(n, c, h + k - 1, (wd + 15) // 16 * 16 + k - 1)
+    buf[:, :, k // 2:k // 2 + h, k // 2:k // 2 + wd] = torch.randn(n, c, h, wd, generator=gen)
+    return buf
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", (3, 5))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_channels_run_down_the_rows_give_the_bits_of_the_row_passes(kernel, threads):
+    """1-2 output channels run down the rows (ss_conv) and one channel's weight gradient too
+    (ss_wgrad); every sum keeps its order, so a channel's bits are those it gets among three,
+    where the kernels take two rows a pass (forward) or blocks of channels (weight gradient)."""
+    direct.library()
+    gen = torch.Generator().manual_seed(3)
+    n, cin, h, wd, k = 2, 3, 19, 37, kernel
+    x, g = _padded_rand(n, cin, h, wd, k, gen), _padded_rand(n, 3, h, wd, k, gen)
+    ref = _padded_rand(n, 3, h, wd, k, gen)
+    w, b = torch.randn(3, cin, k, k, generator=gen), torch.randn(3, generator=gen)
+    ins = torch.tensor([0, 2], dtype=torch.int32)  # input plane 1 off: two planes summed
+    lib, before = direct._library, torch.get_num_threads()
+
+    def run(outs: list[int], mode: int, transposed: bool = False):
+        out = torch.full((n, 3, *x.shape[2:]), 7.0)
+        src, wt = (g, w.transpose(0, 1).contiguous()) if transposed else (x, w)
+        chans = torch.tensor(outs, dtype=torch.int32)
+        direct._conv(src, wt, None if transposed else b, out, k // 2, ref, mode, chans,
+                     ins if not transposed else torch.arange(3, dtype=torch.int32), h, wd,
+                     transposed=transposed)
+        gw, gb = torch.zeros(3, cin, k, k), torch.zeros(3)
+        lib.ss_wgrad(x.data_ptr(), x.shape[2] * x.shape[3], x.shape[3], g.data_ptr(),
+                     g.shape[2] * g.shape[3], g.shape[3], k // 2 * g.shape[3] + k // 2,
+                     gw.data_ptr(), gb.data_ptr(), chans.data_ptr(), chans.numel(),
+                     ins.data_ptr(), ins.numel(), n, cin, 3, h, wd, k, threads)
+        return out, gw, gb
+
+    try:
+        torch.set_num_threads(threads)
+        for mode, transposed in ((1, False), (0, False), (2, True)):
+            out3, gw3, gb3 = run([0, 1, 2], mode, transposed)
+            for outs in ([1], [0, 2]):
+                out, gw, gb = run(outs, mode, transposed)
+                assert torch.equal(out[:, outs], out3[:, outs])
+                if len(outs) == 1:
+                    assert torch.equal(gw[outs], gw3[outs]) and torch.equal(gb[outs], gb3[outs])
+            assert float((out3[:, :, k // 2:k // 2 + h, k // 2:k // 2 + wd] - 7).abs().min()) > 0
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_kernels
 def test_nan_passes_through_relu_as_in_torch():
     model = _net((2, 1))

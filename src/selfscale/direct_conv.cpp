@@ -3,7 +3,9 @@
 // oneDNN's convolutions have a per-layer floor for 1-8 channels: a 1->1 5x5 layer costs almost
 // as much as a 5->5 one. These kernels hold 16-float strips of up to 8 output channels (and of
 // two rows, for up to 3 channels) in registers and stream the input taps through them, so their
-// cost follows the channel count.
+// cost follows the channel count. For 1-2 output channels (kernels 3 and 5) the forward pass and
+// the one-channel weight gradient run down the rows instead, each input row shifted once for
+// all K rows it feeds: with one channel the shifts, not the multiply-adds, were the bound.
 //
 // Buffers are planar float32. A *padded* buffer has planes of (H + K - 1) rows of
 // Wp = ceil16(W) + K - 1 floats and is zero outside its interior [p, p + H) x [p, p + W),
@@ -178,6 +180,96 @@ static void fwd_row(const float* in, Geo gi, const float* w, const float* b, flo
     fwd_rows<CO, 1>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, K, W, r + j);
 }
 
+// Streaming, for 1-2 output channels and a kernel size known at compile time: one block of XB
+// strips of columns from x0 runs down rows y0 .. y1 - 1 of one image, input plane after input
+// plane. Input row i holds tap ky = i - y of the K outputs y = i - K + 1 .. i, whose sums stay
+// in registers (acc[j]: output i - K + 1 + j; they move down one as a row is done): each shifted
+// strip of an input row is made once for K output rows instead of once per row pass, which is
+// what bounds one channel. Every output still sums bias, then ci, ky, kx in that order (between
+// two input planes the partial sums wait in `out`, exactly), the same bits as fwd_strips.
+template <int CO, int XB, int K, bool END>
+static void stream_block(const float* in, Geo gi, const float* w, const float* b, float* out,
+                         Geo go, const float* ref, int mode, const int* cos, const int* cis,
+                         int nci, int Cin, int W, int y0, int y1, int x0) {
+  const long wco = (long)Cin * K * K;
+  const int rows = y1 - y0, Wr = (W + 15) / 16 * 16;
+  v16 acc[K][CO][XB];
+  for (int j = 0; j < K; j++)
+    for (int c = 0; c < CO; c++)
+      for (int s = 0; s < XB; s++) acc[j][c][s] = (v16){};
+  for (int i = 0; i < nci; i++) {
+    const bool first = i == 0, last = i == nci - 1;
+    const float* wp[CO];
+    float bias[CO];
+    for (int c = 0; c < CO; c++) {
+      wp[c] = w + cos[c] * wco + (long)cis[i] * K * K;
+      bias[c] = b ? b[cos[c]] : 0.f;
+    }
+    const float* plane = in + gi.plane * cis[i] + x0;
+    for (int q = 0; q < rows + K - 1; q++) {
+      if (q < rows) {                      // output y0 + q starts: bias, or its partial sum
+        for (int c = 0; c < CO; c++)
+          for (int s = 0; s < XB; s++) {
+            const int xs = x0 + 16 * s;
+            acc[K - 1][c][s] = first ? (v16){} + bias[c]
+                                     : ld_n(out + go.at(cos[c], y0 + q) + xs, std::min(16, W - xs));
+          }
+      }
+      const float* r = plane + (long)(y0 + q) * gi.row;
+      v16 ch[XB + 1];
+      for (int s = 0; s < XB; s++) ch[s] = ld(r + 16 * s);
+      ch[XB] = END ? ld(r + Wr - x0 + K - 17) : ld(r + 16 * XB);
+#pragma GCC unroll 8
+      for (int kx = 0; kx < K; kx++) {
+        v16 v[XB];
+        for (int s = 0; s < XB - 1; s++) v[s] = shifted(ch[s], ch[s + 1], kx);
+        v[XB - 1] = END ? shifted_end<K>(ch[XB - 1], ch[XB], kx) : shifted(ch[XB - 1], ch[XB], kx);
+#pragma GCC unroll 8
+        for (int j = 0; j < K; j++)        // outputs out of [y0, y1) sum what is never stored
+          for (int s = 0; s < XB; s++)
+            for (int c = 0; c < CO; c++) acc[j][c][s] += v[s] * wp[c][(K - 1 - j) * K + kx];
+      }
+      if (q >= K - 1) {                    // output y0 + q - K + 1 is complete
+        const int y = y0 + q - K + 1;
+        for (int c = 0; c < CO; c++)
+          for (int s = 0; s < XB; s++) {
+            const int xs = x0 + 16 * s, n = std::min(16, W - xs);
+            v16 v = acc[0][c][s];
+            const long o = go.at(cos[c], y) + xs;
+            if (last && mode == 1) { const v16 z = {}; v = v < z ? z : v; }   // NaN passes
+            if (last && mode == 2) { const v16 z = {}; v = ld_n(ref + o, n) <= z ? z : v; }
+            if (n == 16) st(out + o, v); else std::memcpy(out + o, &v, 4 * n);
+          }
+      }
+      for (int j = 0; j < K - 1; j++)
+        for (int c = 0; c < CO; c++)
+          for (int s = 0; s < XB; s++) acc[j][c][s] = acc[j + 1][c][s];
+    }
+  }
+}
+
+// Rows y0 .. y1 - 1 of one image, CO (1 or 2) channels, K 3 or 5: blocks of XB strips.
+template <int CO, int K>
+static void fwd_stream(const float* in, Geo gi, const float* w, const float* b, float* out,
+                       Geo go, const float* ref, int mode, const int* cos, const int* cis,
+                       int nci, int Cin, int W, int y0, int y1) {
+  constexpr int XB = CO == 1 ? 2 : 1;
+  const int Wr = (W + 15) / 16 * 16;
+  int x0 = 0;
+  for (; x0 + 16 * (XB - 1) < W; x0 += 16 * XB) {
+    if (x0 + 16 * XB >= Wr)
+      stream_block<CO, XB, K, true>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
+    else
+      stream_block<CO, XB, K, false>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
+  }
+  for (; x0 < W; x0 += 16) {
+    if (x0 + 16 >= Wr)
+      stream_block<CO, 1, K, true>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
+    else
+      stream_block<CO, 1, K, false>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
+  }
+}
+
 typedef void (*fwd_fn)(const float*, Geo, const float*, const float*, float*, Geo, const float*,
                        int, const int*, const int*, int, int, int, int, int, int);
 static const fwd_fn FWD[9] = {nullptr, fwd_row<1>, fwd_row<2>, fwd_row<3>, fwd_row<4>,
@@ -218,6 +310,23 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
         for (long t = 0; t < KK; t++)
           flipped[(co * Cin + ci) * KK + t] = w[(ci * Cout + co) * KK + KK - 1 - t];
     w = flipped.data();
+  }
+  if ((K == 5 || K == 3) && nco >= 1 && nco <= 2 && nci >= 1) {   // streaming, in bands of rows
+    const int bands = std::max(1, std::min(H / 8, (2 * threads + N - 1) / N));
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long nb = 0; nb < (long)N * bands; nb++) {
+      const long n = nb / bands;
+      const int y0 = (int)((nb % bands) * H / bands), y1 = (int)((nb % bands + 1) * H / bands);
+      const float* ni = in + n * Cin * in_plane;
+      float* no = out + n * Cout * out_plane;
+      const float* nref = ref ? ref + n * Cout * out_plane : nullptr;
+      auto f = nco == 1 ? (K == 5 ? fwd_stream<1, 5> : fwd_stream<1, 3>)
+                        : (K == 5 ? fwd_stream<2, 5> : fwd_stream<2, 3>);
+      f(ni, gi, w, b, no, go, nref, mode, cos, cis, nci, Cin, W, y0, y1);
+      if (pad >= 0)
+        for (int r = y0; r < y1; r++) zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r);
+    }
+    return;
   }
   const long pairs = (H + 1) / 2;                    // rows are taken two at a time
   #pragma omp parallel for schedule(static) num_threads(threads)
@@ -307,6 +416,63 @@ static void wgrad_row_k(const float* in, Geo gi, const float* g, Geo gg, v16* ac
   }
 }
 
+// Streaming, for one output channel and K 3 or 5: rows ra .. rb - 1 of one image and one input
+// plane, input row after input row. Input row i meets gradient rows r = i - ky for every tap row
+// ky at once, so each of its shifted strips is made once for K taps rows (K x K partial sums in
+// registers) instead of once per tap row. Each row r's partial sum of a tap still runs over the
+// strips in order from zero and is added to acc in row order: the same bits as wgrad_row_k.
+template <int K, bool CHECK>
+static inline void wgrad_stream_row(const float* xrow, const float* grow0, long grow_step,
+                                    v16* acc, int Wr, int klo, int khi) {
+  v16 part[K][K];
+  for (int ky = 0; ky < K; ky++)
+    for (int kx = 0; kx < K; kx++) part[ky][kx] = (v16){};
+  // g row i - ky starts at grow0 - ky * grow_step
+  v16 next = ld(xrow);
+  int x0 = 0;
+  for (; x0 + 16 < Wr; x0 += 16) {
+    const v16 here = next;
+    next = ld(xrow + x0 + 16);
+#pragma GCC unroll 8
+    for (int kx = 0; kx < K; kx++) {
+      const v16 v = shifted(here, next, kx);
+#pragma GCC unroll 8
+      for (int ky = 0; ky < K; ky++) {
+        if (CHECK && (ky < klo || ky > khi)) continue;
+        part[ky][kx] += v * ld(grow0 - ky * grow_step + x0);
+      }
+    }
+  }
+  {   // the last strip: the row (Wr + K - 1 floats) ends K - 1 floats after it
+    const v16 end = ld(xrow + Wr + K - 17);
+#pragma GCC unroll 8
+    for (int kx = 0; kx < K; kx++) {
+      const v16 v = shifted_end<K>(next, end, kx);
+#pragma GCC unroll 8
+      for (int ky = 0; ky < K; ky++) {
+        if (CHECK && (ky < klo || ky > khi)) continue;
+        part[ky][kx] += v * ld(grow0 - ky * grow_step + x0);
+      }
+    }
+  }
+  for (int ky = klo; ky <= khi; ky++)
+    for (int kx = 0; kx < K; kx++) acc[ky * K + kx] += part[ky][kx];
+}
+
+template <int K>
+static void wgrad_stream(const float* in, Geo gi, const float* g, Geo gg, v16* acc, int c,
+                         int ci, int Wr, int ra, int rb) {
+  for (int i = ra; i < rb + K - 1; i++) {   // input row i (padded): output rows i - ky
+    const int klo = std::max(0, i - (rb - 1)), khi = std::min(K - 1, i - ra);
+    const float* xrow = in + gi.at(ci, i);
+    const float* grow0 = g + gg.at(c, 0) + (long)i * gg.row;   // g row i (never read when i >= rb)
+    if (klo == 0 && khi == K - 1)
+      wgrad_stream_row<K, false>(xrow, grow0, gg.row, acc, Wr, 0, K - 1);
+    else
+      wgrad_stream_row<K, true>(xrow, grow0, gg.row, acc, Wr, klo, khi);
+  }
+}
+
 typedef void (*wg_fn)(const float*, Geo, const float*, Geo, v16*, v16*, const int*, const int*,
                       int, int, int, int);
 static const wg_fn WG[5] = {nullptr, wgrad_row<1>, wgrad_row<2>, wgrad_row<3>, wgrad_row<4>};
@@ -338,6 +504,23 @@ extern "C" void ss_wgrad(const float* in, long in_plane, long in_row, const floa
     v16* acc = part.data() + (size_t)t * per;
     for (long j = 0; j < per; j++) acc[j] = (v16){};
     const long lo = rows * t / threads, hi = rows * (t + 1) / threads;
+    if (nco == 1 && (K == 5 || K == 3)) {   // streaming: the thread's rows image by image
+      for (long n = lo / H; n < hi && n * H < hi; n++) {
+        const int ra = (int)(std::max(lo, n * H) - n * H), rb = (int)(std::min(hi, (n + 1) * H) - n * H);
+        if (ra >= rb) continue;
+        const float* ni = in + n * Cin * in_plane;
+        const float* ng = g + n * Cout * g_plane;
+        v16* bacc = acc + (long)nci * K * K;
+        for (int r = ra; r < rb; r++)
+          for (int x0 = 0; x0 < Wr; x0 += 16) bacc[0] += ld(ng + gg.at(cos[0], r) + x0);
+        for (int i = 0; i < nci; i++) {
+          v16* a = acc + (long)i * K * K;
+          if (K == 5) wgrad_stream<5>(ni, gi, ng, gg, a, cos[0], cis[i], Wr, ra, rb);
+          else wgrad_stream<3>(ni, gi, ng, gg, a, cos[0], cis[i], Wr, ra, rb);
+        }
+      }
+      continue;
+    }
     for (long nr = lo; nr < hi; nr++) {
       const long n = nr / H; const int r = (int)(nr % H);
       const float* ni = in + n * Cin * in_plane;
@@ -405,19 +588,37 @@ long padded_plane(int H, int W, int K) { return (long)(H + K - 1) * ((W + 15) / 
 
 // The loss of one image from its output o (padded, interior at off, zero right of it) and its
 // target t (rows contiguous), and the gradient coefficients:
-// d loss / d o = a * sgn(o - t) + b * t + c * (o - t). Sums: 16 lanes per row in float, rows
-// and lanes added in double in a fixed order.
+// d loss / d o = a * sgn(o - t) + b * t + c * (o - t). Sums: 16 float lanes per row, each lane
+// added over the rows in double, then the 16 lanes in order: a fixed order, and no horizontal
+// sum per row (which cost a 1-channel network's step as much as a convolution).
 struct LossTerms { double loss, a, b, c; };
 
-static inline double hsum_d(v16 v) {
-  double s = 0;
-  for (int j = 0; j < 16; j++) s += v[j];
-  return s;
-}
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+struct Sum16 {                 // 16 double lanes
+  v8d lo = {}, hi = {};
+  inline void add(v16 v) {   // halves by shuffles (a copy through memory would pin v there)
+#if defined(__clang__) || __GNUC__ >= 12
+    const v8f l = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+              h = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    v8f l, h;
+    for (int j = 0; j < 8; j++) { l[j] = v[j]; h[j] = v[8 + j]; }
+#endif
+    lo += __builtin_convertvector(l, v8d); hi += __builtin_convertvector(h, v8d);
+  }
+  double total() const {
+    double s = 0;
+    for (int j = 0; j < 8; j++) s += lo[j];
+    for (int j = 0; j < 8; j++) s += hi[j];
+    return s;
+  }
+};
 
 LossTerms loss_terms(int kind, const float* o, Geo go, const float* t, long tc, long th, int C,
                      int H, int W) {
-  double s_abs = 0, s_sq = 0, s_tp = 0;
+  const bool f1 = kind == 2, need_abs = kind == 0 || f1;   // mse needs only the squares
+  Sum16 s_abs, s_sq, s_tp;
   for (int c = 0; c < C; c++)
     for (int r = 0; r < H; r++) {
       const float* orow = o + go.at(c, r);
@@ -426,16 +627,20 @@ LossTerms loss_terms(int kind, const float* o, Geo go, const float* t, long tc, 
       for (int x0 = 0; x0 < W; x0 += 16) {
         const v16 ov = ld(orow + x0), tv = ld_n(trow + x0, std::min(16, W - x0));
         const v16 d = ov - tv;
-        a += d < 0 ? -d : d; q += d * d; tp += ov * tv;
+        if (need_abs) a += d < 0 ? -d : d;
+        if (kind == 1) q += d * d;
+        if (f1) tp += ov * tv;
       }
-      s_abs += hsum_d(a); s_sq += hsum_d(q); s_tp += hsum_d(tp);
+      if (need_abs) s_abs.add(a);
+      if (kind == 1) s_sq.add(q);
+      if (f1) s_tp.add(tp);
     }
   const double m = (double)C * H * W;
-  if (kind == 0) return {s_abs / m, 1.0 / m, 0, 0};                 // mae
-  if (kind == 1) return {s_sq / m, 0, 0, 2.0 / m};                  // mse
-  const double den = 2 * s_tp + s_abs;                              // f1: E / (2 TP + E)
+  if (kind == 0) return {s_abs.total() / m, 1.0 / m, 0, 0};         // mae
+  if (kind == 1) return {s_sq.total() / m, 0, 0, 2.0 / m};          // mse
+  const double sa = s_abs.total(), den = 2 * s_tp.total() + sa;     // f1: E / (2 TP + E)
   if (den == 0) return {0, 0, 0, 0};
-  return {s_abs / den, 1.0 / den - s_abs / (den * den), -2.0 * s_abs / (den * den), 0};
+  return {sa / den, 1.0 / den - sa / (den * den), -2.0 * sa / (den * den), 0};
 }
 }  // namespace
 
@@ -504,21 +709,24 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
     total_loss += lt.loss;
     const v16 fa = (v16){} + (float)(lt.a / N), fb = (v16){} + (float)(lt.b / N),
               fc = (v16){} + (float)(lt.c / N), one = (v16){} + 1.f, zero = {};
+    const int Wr = (W + 15) / 16 * 16;
     for (int c = 0; c < CL; c++) {
       float* gp = g0 + (n * CL + c) * plane;
-      std::memset(gp, 0, sizeof(float) * plane);
+      std::memset(gp, 0, sizeof(float) * off);   // the rows above and row 0's left margin
       for (int r = 0; r < H; r++) {
         const float* orow = on + go.at(c, r);
         const float* trow = tn + c * ys[1] + r * ys[2];
         float* grow = gp + (p + r) * row + p;
-        for (int x0 = 0; x0 < W; x0 += 16) {
-          const int cnt = std::min(16, W - x0);
-          const v16 o = ld(orow + x0), t = ld_n(trow + x0, cnt), d = o - t;
+        for (int x0 = 0; x0 < W; x0 += 16) {   // 0 right of W: o and t are (so sgn, v are)
+          const v16 o = ld(orow + x0), t = ld_n(trow + x0, std::min(16, W - x0)), d = o - t;
           const v16 sgn = (d > zero ? one : zero) - (d < zero ? one : zero);
           v16 v = fa * sgn + fb * t + fc * d;
-          v = o <= zero ? zero : v;                          // NaN passes, as in torch
-          if (cnt == 16) st(grow + x0, v); else std::memcpy(grow + x0, &v, 4 * cnt);
+          st(grow + x0, o <= zero ? zero : v);               // NaN passes, as in torch
         }
+        // the K - 1 floats up to the next row's interior (16 written: that row comes next), or
+        // after the last row everything to the plane's end
+        if (r + 1 < H) st(grow + Wr, zero);
+        else std::memset(grow + Wr, 0, sizeof(float) * (gp + plane - (grow + Wr)));
       }
     }
   }

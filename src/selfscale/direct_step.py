@@ -9,7 +9,7 @@ one call what :func:`selfscale.train.train_step` does:
 
 1. the forward pass through every layer (the same kernels as :mod:`selfscale.direct`),
 2. the loss (``mae``, ``mse`` or ``f1`` of :data:`selfscale.metrics.LOSSES`; 16 float lanes per
-   row, the rows added in double) and its gradient times ReLU's,
+   row, each lane summed over the rows in double, then the lanes) and its gradient times ReLU's,
 3. the backward pass, zeroing the frozen masks' gradients (the layers' gradient hooks),
 4. gradient-norm clipping as ``torch.nn.utils.clip_grad_norm_`` (``--clip``), and
 5. Adam as ``torch.optim.Adam`` (no weight decay, no amsgrad): each parameter's step count,
