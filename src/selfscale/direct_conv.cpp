@@ -3,9 +3,9 @@
 // oneDNN's convolutions have a per-layer floor for 1-8 channels: a 1->1 5x5 layer costs almost
 // as much as a 5->5 one. These kernels hold 16-float strips of up to 8 output channels (and of
 // two rows, for up to 3 channels) in registers and stream the input taps through them, so their
-// cost follows the channel count. For 1-2 output channels (kernels 3 and 5) the forward pass and
-// the one-channel weight gradient run down the rows instead, each input row shifted once for
-// all K rows it feeds: with one channel the shifts, not the multiply-adds, were the bound.
+// cost follows the channel count. For 1-2 output channels (kernels 3 and 5) on narrow images the
+// forward pass runs down the rows instead, each input row shifted once for all K rows it feeds:
+// with one channel the shifts, not the multiply-adds, were the bound.
 //
 // Buffers are planar float32. A *padded* buffer has planes of (H + K - 1) rows of
 // Wp = ceil16(W) + K - 1 floats and is zero outside its interior [p, p + H) x [p, p + W),
@@ -311,7 +311,12 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
           flipped[(co * Cin + ci) * KK + t] = w[(ci * Cout + co) * KK + KK - 1 - t];
     w = flipped.data();
   }
-  if ((K == 5 || K == 3) && nco >= 1 && nco <= 2 && nci >= 1) {   // streaming, in bands of rows
+  // Streaming pays on narrow images, where a column block's rows stay in the first-level cache
+  // (one input plane up to 256 wide, more up to 96; measured on an AVX-512 Xeon, 2026: 1.2-2.1x
+  // for 1-2 channels at 64-96 wide, 0.4-0.9x at 512); wider images take two rows a pass.
+  const int Wr = (W + 15) / 16 * 16;
+  if ((K == 5 || K == 3) && nco >= 1 && nco <= 2 && nci >= 1 &&
+      (Wr <= 96 || (nci == 1 && Wr <= 256))) {   // in bands of rows, at least two per thread
     const int bands = std::max(1, std::min(H / 8, (2 * threads + N - 1) / N));
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long nb = 0; nb < (long)N * bands; nb++) {
@@ -416,63 +421,6 @@ static void wgrad_row_k(const float* in, Geo gi, const float* g, Geo gg, v16* ac
   }
 }
 
-// Streaming, for one output channel and K 3 or 5: rows ra .. rb - 1 of one image and one input
-// plane, input row after input row. Input row i meets gradient rows r = i - ky for every tap row
-// ky at once, so each of its shifted strips is made once for K taps rows (K x K partial sums in
-// registers) instead of once per tap row. Each row r's partial sum of a tap still runs over the
-// strips in order from zero and is added to acc in row order: the same bits as wgrad_row_k.
-template <int K, bool CHECK>
-static inline void wgrad_stream_row(const float* xrow, const float* grow0, long grow_step,
-                                    v16* acc, int Wr, int klo, int khi) {
-  v16 part[K][K];
-  for (int ky = 0; ky < K; ky++)
-    for (int kx = 0; kx < K; kx++) part[ky][kx] = (v16){};
-  // g row i - ky starts at grow0 - ky * grow_step
-  v16 next = ld(xrow);
-  int x0 = 0;
-  for (; x0 + 16 < Wr; x0 += 16) {
-    const v16 here = next;
-    next = ld(xrow + x0 + 16);
-#pragma GCC unroll 8
-    for (int kx = 0; kx < K; kx++) {
-      const v16 v = shifted(here, next, kx);
-#pragma GCC unroll 8
-      for (int ky = 0; ky < K; ky++) {
-        if (CHECK && (ky < klo || ky > khi)) continue;
-        part[ky][kx] += v * ld(grow0 - ky * grow_step + x0);
-      }
-    }
-  }
-  {   // the last strip: the row (Wr + K - 1 floats) ends K - 1 floats after it
-    const v16 end = ld(xrow + Wr + K - 17);
-#pragma GCC unroll 8
-    for (int kx = 0; kx < K; kx++) {
-      const v16 v = shifted_end<K>(next, end, kx);
-#pragma GCC unroll 8
-      for (int ky = 0; ky < K; ky++) {
-        if (CHECK && (ky < klo || ky > khi)) continue;
-        part[ky][kx] += v * ld(grow0 - ky * grow_step + x0);
-      }
-    }
-  }
-  for (int ky = klo; ky <= khi; ky++)
-    for (int kx = 0; kx < K; kx++) acc[ky * K + kx] += part[ky][kx];
-}
-
-template <int K>
-static void wgrad_stream(const float* in, Geo gi, const float* g, Geo gg, v16* acc, int c,
-                         int ci, int Wr, int ra, int rb) {
-  for (int i = ra; i < rb + K - 1; i++) {   // input row i (padded): output rows i - ky
-    const int klo = std::max(0, i - (rb - 1)), khi = std::min(K - 1, i - ra);
-    const float* xrow = in + gi.at(ci, i);
-    const float* grow0 = g + gg.at(c, 0) + (long)i * gg.row;   // g row i (never read when i >= rb)
-    if (klo == 0 && khi == K - 1)
-      wgrad_stream_row<K, false>(xrow, grow0, gg.row, acc, Wr, 0, K - 1);
-    else
-      wgrad_stream_row<K, true>(xrow, grow0, gg.row, acc, Wr, klo, khi);
-  }
-}
-
 typedef void (*wg_fn)(const float*, Geo, const float*, Geo, v16*, v16*, const int*, const int*,
                       int, int, int, int);
 static const wg_fn WG[5] = {nullptr, wgrad_row<1>, wgrad_row<2>, wgrad_row<3>, wgrad_row<4>};
@@ -504,23 +452,6 @@ extern "C" void ss_wgrad(const float* in, long in_plane, long in_row, const floa
     v16* acc = part.data() + (size_t)t * per;
     for (long j = 0; j < per; j++) acc[j] = (v16){};
     const long lo = rows * t / threads, hi = rows * (t + 1) / threads;
-    if (nco == 1 && (K == 5 || K == 3)) {   // streaming: the thread's rows image by image
-      for (long n = lo / H; n < hi && n * H < hi; n++) {
-        const int ra = (int)(std::max(lo, n * H) - n * H), rb = (int)(std::min(hi, (n + 1) * H) - n * H);
-        if (ra >= rb) continue;
-        const float* ni = in + n * Cin * in_plane;
-        const float* ng = g + n * Cout * g_plane;
-        v16* bacc = acc + (long)nci * K * K;
-        for (int r = ra; r < rb; r++)
-          for (int x0 = 0; x0 < Wr; x0 += 16) bacc[0] += ld(ng + gg.at(cos[0], r) + x0);
-        for (int i = 0; i < nci; i++) {
-          v16* a = acc + (long)i * K * K;
-          if (K == 5) wgrad_stream<5>(ni, gi, ng, gg, a, cos[0], cis[i], Wr, ra, rb);
-          else wgrad_stream<3>(ni, gi, ng, gg, a, cos[0], cis[i], Wr, ra, rb);
-        }
-      }
-      continue;
-    }
     for (long nr = lo; nr < hi; nr++) {
       const long n = nr / H; const int r = (int)(nr % H);
       const float* ni = in + n * Cin * in_plane;
