@@ -128,9 +128,9 @@ def _padded_rand(n, c, h, wd, k, gen):
 @pytest.mark.parametrize("kernel", (3, 5))
 @pytest.mark.parametrize("threads", (1, 2))
 def test_channels_run_down_the_rows_give_the_bits_of_the_row_passes(kernel, threads):
-    """On narrow images 1-2 output channels run down the rows (ss_conv); every sum keeps its
-    order, so a channel's bits are those it gets among three, two rows a pass, and its weight
-    gradient's are those it gets in a block of three."""
+    """On narrow images 1-2 output channels run down the rows (ss_conv), and one channel's
+    weight gradient does (ss_wgrad); every sum keeps its order, so a channel's bits are those it
+    gets among three, two rows a pass, or in a block of three channels."""
     direct.library()
     gen = torch.Generator().manual_seed(3)
     n, cin, h, wd, k = 2, 3, 19, 37, kernel
