@@ -119,8 +119,8 @@ def test_same_threads_give_bit_identical_results():
 
 
 def _padded_rand(n, c, h, wd, k, gen):
-    buf = torch.zeros(n, c, h + k - 1, (wd + 15) // 16 * 16 + k - 1)
-    buf[:, :, k // 2:k // 2 + h, k // 2:k // 2 + wd] = torch.randn(n, c, h, wd, generator=gen)
+    buf = direct._padded(n, c, h, wd, k)
+    direct._pad_copy(torch.randn(n, c, h, wd, generator=gen), buf, None, k // 2)
     return buf
 
 

@@ -249,27 +249,30 @@ static void stream_block(const float* in, Geo gi, const float* w, const float* b
   }
 }
 
-// Rows y0 .. y1 - 1 of one image, CO (1 or 2) channels, K 3 or 5: blocks of XB strips.
+// Rows y0 .. y1 - 1 of one image, CO (1 or 2) channels, K 3 or 5: blocks of XB strips (and of
+// one for what is left), the one whose row ends after it made with `shifted_end`.
+template <int CO, int XB, int K>
+static void stream_block_at(const float* in, Geo gi, const float* w, const float* b, float* out,
+                            Geo go, const float* ref, int mode, const int* cos, const int* cis,
+                            int nci, int Cin, int W, int y0, int y1, int x0) {
+  const bool end = x0 + 16 * XB >= (W + 15) / 16 * 16;
+  (end ? stream_block<CO, XB, K, true> : stream_block<CO, XB, K, false>)(
+      in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
+}
+
 template <int CO, int K>
 static void fwd_stream(const float* in, Geo gi, const float* w, const float* b, float* out,
                        Geo go, const float* ref, int mode, const int* cos, const int* cis,
                        int nci, int Cin, int W, int y0, int y1) {
   constexpr int XB = CO == 1 ? 2 : 1;
-  const int Wr = (W + 15) / 16 * 16;
   int x0 = 0;
-  for (; x0 + 16 * (XB - 1) < W; x0 += 16 * XB) {
-    if (x0 + 16 * XB >= Wr)
-      stream_block<CO, XB, K, true>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
-    else
-      stream_block<CO, XB, K, false>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
-  }
-  for (; x0 < W; x0 += 16) {
-    if (x0 + 16 >= Wr)
-      stream_block<CO, 1, K, true>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
-    else
-      stream_block<CO, 1, K, false>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
-  }
+  for (; x0 + 16 * (XB - 1) < W; x0 += 16 * XB)
+    stream_block_at<CO, XB, K>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
+  for (; x0 < W; x0 += 16)
+    stream_block_at<CO, 1, K>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
 }
+typedef void (*fwd_stream_fn)(const float*, Geo, const float*, const float*, float*, Geo,
+                              const float*, int, const int*, const int*, int, int, int, int, int);
 
 typedef void (*fwd_fn)(const float*, Geo, const float*, const float*, float*, Geo, const float*,
                        int, const int*, const int*, int, int, int, int, int, int);
@@ -316,39 +319,30 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
   // (one input plane up to 256 wide, more up to 96; measured on an AVX-512 Xeon, 2026: 1.2-2.1x
   // for 1-2 channels at 64-96 wide, 0.4-0.9x at 512); wider images take two rows a pass.
   const int Wr = (W + 15) / 16 * 16;
-  if ((K == 5 || K == 3) && nco >= 1 && nco <= 2 && nci >= 1 &&
-      (Wr <= 96 || (nci == 1 && Wr <= 256))) {   // in bands of rows, at least two per thread
-    const int bands = std::max(1, std::min(H / 8, (2 * threads + N - 1) / N));
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long nb = 0; nb < (long)N * bands; nb++) {
-      const long n = nb / bands;
-      const int y0 = (int)((nb % bands) * H / bands), y1 = (int)((nb % bands + 1) * H / bands);
-      const float* ni = in + n * Cin * in_plane;
-      float* no = out + n * Cout * out_plane;
-      const float* nref = ref ? ref + n * Cout * out_plane : nullptr;
-      auto f = nco == 1 ? (K == 5 ? fwd_stream<1, 5> : fwd_stream<1, 3>)
-                        : (K == 5 ? fwd_stream<2, 5> : fwd_stream<2, 3>);
-      f(ni, gi, w, b, no, go, nref, mode, cos, cis, nci, Cin, W, y0, y1);
-      if (pad >= 0)
-        for (int r = y0; r < y1; r++) zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r);
-    }
-    return;
-  }
-  const long pairs = (H + 1) / 2;                    // rows are taken two at a time
+  const bool stream = (K == 5 || K == 3) && nco >= 1 && nco <= 2 && nci >= 1 &&
+                      (Wr <= 96 || (nci == 1 && Wr <= 256));
+  const fwd_stream_fn f = !stream   ? nullptr
+                          : nco == 1 ? (K == 5 ? fwd_stream<1, 5> : fwd_stream<1, 3>)
+                                     : (K == 5 ? fwd_stream<2, 5> : fwd_stream<2, 3>);
+  // work items: rows [y0, y1) of one image; streamed in bands (at least two per thread), or
+  // two rows at a time
+  const long items = stream ? std::max(1, std::min(H / 8, (2 * threads + N - 1) / N)) : (H + 1) / 2;
   #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long np = 0; np < (long)N * pairs; np++) {
-    const long n = np / pairs;
-    const int r = (int)(np % pairs) * 2, rows = std::min(2, H - r);
-    const float* ni = in + n * Cin * in_plane;
+  for (long ni = 0; ni < (long)N * items; ni++) {
+    const long n = ni / items, it = ni % items;
+    const int y0 = (int)(stream ? it * H / items : 2 * it);
+    const int y1 = (int)(stream ? (it + 1) * H / items : std::min<long>(H, 2 * it + 2));
+    const float* nin = in + n * Cin * in_plane;
     float* no = out + n * Cout * out_plane;
     const float* nref = ref ? ref + n * Cout * out_plane : nullptr;
-    for (int c0 = 0; c0 < nco; c0 += 8) {
-      const int cb = std::min(8, nco - c0);
-      FWD[cb](ni, gi, w, b, no, go, nref, mode, cos + c0, cis, nci, Cin, K, W, r, rows);
-    }
+    if (stream)
+      f(nin, gi, w, b, no, go, nref, mode, cos, cis, nci, Cin, W, y0, y1);
+    else
+      for (int c0 = 0; c0 < nco; c0 += 8)
+        FWD[std::min(8, nco - c0)](nin, gi, w, b, no, go, nref, mode, cos + c0, cis, nci, Cin, K,
+                                   W, y0, y1 - y0);
     if (pad >= 0)
-      for (int j = 0; j < rows; j++)
-        zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r + j);
+      for (int r = y0; r < y1; r++) zero_border(no, out_plane, out_row, pad, H, W, cos, nco, r);
   }
 }
 
@@ -495,8 +489,9 @@ extern "C" void ss_wgrad(const float* in, long in_plane, long in_row, const floa
     for (long j = 0; j < per; j++) acc[j] = (v16){};
     const long lo = rows * t / threads, hi = rows * (t + 1) / threads;
     if (nco == 1 && (K == 5 || K == 3)) {   // streaming: the thread's rows image by image
-      for (long n = lo / H; n < hi && n * H < hi; n++) {
-        const int ra = (int)(std::max(lo, n * H) - n * H), rb = (int)(std::min(hi, (n + 1) * H) - n * H);
+      for (long n = lo / H; n * H < hi; n++) {
+        const int ra = (int)(std::max(lo, n * H) - n * H),
+                  rb = (int)(std::min(hi, (n + 1) * H) - n * H);
         if (ra >= rb) continue;
         const float* ni = in + n * Cin * in_plane;
         const float* ng = g + n * Cout * g_plane;
@@ -641,8 +636,8 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
                           const unsigned char* const* frozen, int loss, double lr, double beta1,
                           double beta2, double eps, double clip, int threads) {
   const int p = K / 2;
-  const long plane = padded_plane(H, W, K), row = (W + 15) / 16 * 16 + K - 1,
-             off = p * row + p, KK = (long)K * K;
+  const int Wr = (W + 15) / 16 * 16;
+  const long plane = padded_plane(H, W, K), row = Wr + K - 1, off = p * row + p, KK = (long)K * K;
   int widest = 0;
   std::vector<long> at(L + 1), wat(L), gat(2 * L);   // activation, weight copy, gradient offsets
   long total = 0, wtotal = 0, gtotal = 0;
@@ -699,7 +694,6 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
     total_loss += lt.loss;
     const v16 fa = (v16){} + (float)(lt.a / N), fb = (v16){} + (float)(lt.b / N),
               fc = (v16){} + (float)(lt.c / N), one = (v16){} + 1.f, zero = {};
-    const int Wr = (W + 15) / 16 * 16;
     for (int c = 0; c < CL; c++) {
       float* gp = g0 + (n * CL + c) * plane;
       std::memset(gp, 0, sizeof(float) * off);   // the rows above and row 0's left margin
