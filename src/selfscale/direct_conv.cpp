@@ -789,39 +789,55 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
 #define SS_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 #endif
 
-static SS_NO_CONTRACT void uiqi_formula(const double* __restrict acc, int OW, double* __restrict o) {
+// One window row of the map: each window's five sums add its eight row sums top to bottom
+// (rows[k] is the window's k-th row), then the formula term by term. Each sum stays in a
+// register until its formula has used it: the row sums are read once, nothing is written back.
+static SS_NO_CONTRACT void uiqi_window_row(const double* const* rows, int OW, double* __restrict o) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
   const double n = 64.0;
+  const double *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3], *r4 = rows[4],
+               *r5 = rows[5], *r6 = rows[6], *r7 = rows[7];
   for (int x = 0; x < OW; x++) {
-    const double sx = acc[x], sy = acc[OW + x], sxx = acc[2 * OW + x], syy = acc[3 * OW + x],
-                 sxy = acc[4 * OW + x];
+    double q[5];
+    for (int c = 0; c < 5; c++) {
+      const long i = (long)c * OW + x;
+      q[c] = ((((((r0[i] + r1[i]) + r2[i]) + r3[i]) + r4[i]) + r5[i]) + r6[i]) + r7[i];
+    }
+    const double sx = q[0], sy = q[1], sxx = q[2], syy = q[3], sxy = q[4];
     const double sx_sy = sx * sy;
     const double d2 = sx * sx + sy * sy;
     const double numerator = 4 * (n * sxy - sx_sy) * sx_sy;
     const double d1 = n * (sxx + syy) - d2;
     const double denominator = d1 * d2;
-    const double quality = d1 == 0 && d2 != 0 ? 2 * sx_sy / d2 : 1.0;
-    o[x] = denominator != 0 ? numerator / denominator : quality;
+    // one division: num / den, (2 sx sy) / d2 where both windows are constant, else 1 / 1
+    const bool constant = d1 == 0 && d2 != 0, regular = denominator != 0;
+    const double top = regular ? numerator : constant ? 2 * sx_sy : 1.0;
+    const double bottom = regular ? denominator : constant ? d2 : 1.0;
+    o[x] = top / bottom;
   }
 }
 
 // Row sums of image row r of map m go to ring[(r % 8)][m]: the eight rows a window row needs
-// stay in cache. Images run in parallel, each window row adds its 8 rows in order.
+// stay in cache. Each window's five sums add its eight pixels left to right in registers.
 static void uiqi_row_sums(const float* xr, long xs, const float* yr, long ys, int W, int OW,
                           double* __restrict a, double* __restrict b, double* __restrict s) {
-  for (int x = 0; x < W; x++) { a[x] = xr[(long)x * xs]; b[x] = yr[(long)x * ys]; }
+  if (xs == 1 && ys == 1)
+    for (int x = 0; x < W; x++) { a[x] = xr[x]; b[x] = yr[x]; }
+  else
+    for (int x = 0; x < W; x++) { a[x] = xr[(long)x * xs]; b[x] = yr[(long)x * ys]; }
   double* __restrict s0 = s; double* __restrict s1 = s + OW; double* __restrict s2 = s + 2 * OW;
   double* __restrict s3 = s + 3 * OW; double* __restrict s4 = s + 4 * OW;
   for (int x = 0; x < OW; x++) {
-    s0[x] = a[x]; s1[x] = b[x]; s2[x] = a[x] * a[x]; s3[x] = b[x] * b[x]; s4[x] = a[x] * b[x];
-  }
-  for (int j = 1; j < 8; j++)
-    for (int x = 0; x < OW; x++) {
-      const double u = a[x + j], v = b[x + j];
-      s0[x] += u; s1[x] += v; s2[x] += u * u; s3[x] += v * v; s4[x] += u * v;
+    double u = a[x], v = b[x];
+    double t0 = u, t1 = v, t2 = u * u, t3 = v * v, t4 = u * v;
+    for (int j = 1; j < 8; j++) {
+      u = a[x + j]; v = b[x + j];
+      t0 += u; t1 += v; t2 += u * u; t3 += v * v; t4 += u * v;
     }
+    s0[x] = t0; s1[x] = t1; s2[x] = t2; s3[x] = t3; s4[x] = t4;
+  }
 }
 
 extern "C" void ss_uiqi_map(const float* px, const long* ps, const float* py, const long* ys,
@@ -829,7 +845,7 @@ extern "C" void ss_uiqi_map(const float* px, const long* ps, const float* py, co
   const int B = 8, OH = H - B + 1, OW = W - B + 1;
   #pragma omp parallel for schedule(static, 1) num_threads(threads)
   for (int i = 0; i < N; i++) {
-    std::vector<double> a(W), b(W), ring((size_t)B * 5 * OW), acc((size_t)5 * OW);
+    std::vector<double> a(W), b(W), ring((size_t)B * 5 * OW);
     const float* xi = px + i * ps[0];
     const float* yi = py + i * ys[0];
     for (int r = 0; r < H; r++) {
@@ -837,13 +853,9 @@ extern "C" void ss_uiqi_map(const float* px, const long* ps, const float* py, co
                     ring.data() + (size_t)(r % B) * 5 * OW);
       const int top = r - B + 1;                       // the window row that is complete now
       if (top < 0) continue;
-      for (int k = 0; k < B; k++) {
-        const double* __restrict src = ring.data() + (size_t)((top + k) % B) * 5 * OW;
-        double* __restrict am = acc.data();
-        if (k == 0) for (long x = 0; x < 5L * OW; x++) am[x] = src[x];
-        else for (long x = 0; x < 5L * OW; x++) am[x] += src[x];
-      }
-      uiqi_formula(acc.data(), OW, out + ((long)i * OH + top) * OW);
+      const double* rows[8];
+      for (int k = 0; k < B; k++) rows[k] = ring.data() + (size_t)((top + k) % B) * 5 * OW;
+      uiqi_window_row(rows, OW, out + ((long)i * OH + top) * OW);
     }
   }
 }
