@@ -77,6 +77,34 @@ def test_output_and_gradients_equal_torch_convolutions(case):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", ["masks off in two layers", "k=3, four layers, 9 wide",
+                                  "k=7, RGB input", "a whole layer off"])
+def test_every_layer_s_output_is_what_the_forward_pass_computes(name):
+    """model.layer_outputs (mask activity, pictures) takes the forward pass's path: on the
+    kernels each output equals PyTorch's to rounding, the last is model(x) to the bit, and a
+    disabled mask's plane is zero."""
+    from selfscale.model import layer_outputs, mask_activity
+
+    case = CASES[name]
+    model = _net(case["widths"], case.get("kernel", 5), case.get("in_channels", 1),
+                 case.get("off", ()))
+    x = torch.rand(case["shape"], generator=torch.Generator().manual_seed(2))
+    direct.use("torch")
+    ref = layer_outputs(model, x)
+    direct.use("direct")
+    got = layer_outputs(model, x)
+    assert [t.shape for t in got] == [t.shape for t in ref]
+    assert all(_close(a, b) for a, b in zip(got, ref, strict=True))
+    with torch.no_grad():
+        assert torch.equal(got[-1], model(x))
+    for layer, mask in case.get("off", ()):
+        assert not got[layer][:, mask].any()
+    active = mask_activity(model, [x])
+    assert all(torch.equal(a, (t > 0).double().mean(dim=(0, 2, 3)))
+               for a, t in zip(active, got, strict=True))
+
+
+@needs_kernels
 def test_an_expanded_output_gradient_is_read_through_its_strides():
     model = _net((3, 2, 1))
     x = torch.rand(2, 1, 19, 23)

@@ -300,16 +300,32 @@ class _Stack(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def forward(model: FCN, x: Tensor) -> Tensor:
-    """``model(x)`` on the direct kernels (call only when :func:`applicable`)."""
+def _gated(model: FCN) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     weights, biases, actives = [], [], []
     for layer in model.layers:
         weight, bias = layer.gated()
         weights.append(weight)
         biases.append(bias)
         actives.append(layer.active_indices())
+    return weights, biases, actives
+
+
+def forward(model: FCN, x: Tensor) -> Tensor:
+    """``model(x)`` on the direct kernels (call only when :func:`applicable`)."""
+    weights, biases, actives = _gated(model)
     if torch.is_grad_enabled() and any(t.requires_grad for t in weights + biases):
         params = [t for pair in zip(weights, biases) for t in pair]
         return _Stack.apply(x, actives, *params)
     return _stack_forward(x, [w.detach().contiguous() for w in weights],
                           [b.detach().contiguous() for b in biases], actives)[-1]
+
+
+def layer_outputs(model: FCN, x: Tensor) -> list[Tensor]:
+    """Every layer's output (after its ReLU) for ``model(x)``, (N, C, H, W) each, without
+    gradient; the last is what :func:`forward` returns (call only when :func:`applicable`)."""
+    weights, biases, actives = _gated(model)
+    with torch.no_grad():
+        outs = _stack_forward(x, [w.detach().contiguous() for w in weights],
+                              [b.detach().contiguous() for b in biases], actives)[1:]
+    p, (h, wd) = model.kernel // 2, x.shape[2:]
+    return [o[:, :, p:p + h, p:p + wd] for o in outs[:-1]] + [outs[-1]]

@@ -246,10 +246,22 @@ def mask_activity(model: FCN, inputs: Iterable[Tensor]) -> list[Tensor]:
     total = 0
     for x in inputs:
         total += x.shape[0] * x.shape[2] * x.shape[3]
-        for i, layer in enumerate(model.layers):
-            x = F.relu(layer(x))
-            counts[i] += (x > 0).sum(dim=(0, 2, 3)).double().cpu()
+        for i, out in enumerate(layer_outputs(model, x)):
+            counts[i] += (out > 0).sum(dim=(0, 2, 3)).double().cpu()
     return [c / max(total, 1) for c in counts]
+
+
+@torch.no_grad()
+def layer_outputs(model: FCN, x: Tensor) -> list[Tensor]:
+    """Every layer's output (after its ReLU), (N, C, H, W) each, computed as ``model(x)``
+    computes it (the last is ``model(x)``)."""
+    if direct.applicable(model, x):
+        return direct.layer_outputs(model, x)
+    outputs = []
+    for layer in model.layers:
+        x = F.relu(layer(x))
+        outputs.append(x)
+    return outputs
 
 
 def dead_masks(activity: list[Tensor], model: FCN) -> list[tuple[int, int]]:

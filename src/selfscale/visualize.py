@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from selfscale.model import FCN
+from selfscale.model import layer_outputs as model_layer_outputs
 
 BACKGROUND = (32, 32, 32)
 DISABLED = (70, 70, 70)
@@ -132,11 +132,7 @@ def layer_outputs(model: FCN, image: np.ndarray) -> list[np.ndarray]:
     device = next(model.parameters()).device
     x = torch.from_numpy(np.array(image, np.float32))[None, None].to(device)
     x = x.repeat(1, model.in_channels, 1, 1)
-    out = []
-    for layer in model.layers:
-        x = F.relu(layer(x))
-        out.append(x[0].float().cpu().numpy())
-    return out
+    return [out[0].float().cpu().numpy() for out in model_layer_outputs(model, x)]
 
 
 def _thumb(values: np.ndarray, side: int) -> np.ndarray:
