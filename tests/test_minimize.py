@@ -381,10 +381,10 @@ def test_finetune_finishes_the_network_and_resumes_exactly(trained, tmp_path):
     cfg = dict(strategy="seq", threshold=0.01, retrain_steps=5, max_steps=1, layers=False,
                metric="mae", seed=3)
     root = trained[1]
-    full = minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
+    full = minimize_run(root / "base", MinimizeConfig(finetune_steps=400, **cfg),
                         out=tmp_path / "full")
     s = full.summary
-    assert s["finetune_steps"] == 40 and s["steps_trained"] == 5 + 40
+    assert s["finetune_steps"] == 400 and s["steps_trained"] == 5 + 400
     assert s["scores_before_finetune"]["mae"] != s["scores_after"]["mae"]
 
     calls = {"n": 0}
@@ -403,11 +403,11 @@ def test_finetune_finishes_the_network_and_resumes_exactly(trained, tmp_path):
     loop.finetune.__globals__["train_active"] = dying
     try:
         with pytest.raises(KeyboardInterrupt):
-            minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
+            minimize_run(root / "base", MinimizeConfig(finetune_steps=400, **cfg),
                          out=tmp_path / "part")
     finally:
         loop.finetune.__globals__["train_active"] = real_train
-    resumed = minimize_run(root / "base", MinimizeConfig(finetune_steps=40, **cfg),
+    resumed = minimize_run(root / "base", MinimizeConfig(finetune_steps=400, **cfg),
                            out=tmp_path / "part", resume=True)
     assert resumed.summary["scores_after"] == s["scores_after"]
     a = load_state(tmp_path / "full/minimize/final.pt")

@@ -28,7 +28,16 @@ from selfscale.data import Datasets
 from selfscale.minimize.active import train_active
 from selfscale.minimize.alter import prunable_masks
 from selfscale.model import FCN, mask_activity
-from selfscale.train import TrainHooks, TrainSpec, TrainState, as_input, evaluate
+from selfscale.train import (EVAL_METRICS, TrainHooks, TrainSpec, TrainState, as_input,
+                             evaluate)
+
+FINETUNE_EVALS = 10
+"""The fine-tune is evaluated (and the loop checkpointed) every ``steps // FINETUNE_EVALS``
+steps, but at least :data:`FINETUNE_GAP` steps apart."""
+FINETUNE_GAP = 100
+"""A pause (an evaluation, a checkpoint, the narrow network's weights written back) costs about
+what 5-50 training steps do: a short fine-tune paused every ``steps // 10`` steps spent up to a
+fifth of its time there. Its evaluations steer nothing (no early stop, no best-of)."""
 
 PROBE_CROPS = 32
 """Random training crops (of the run's training crop size) that measure mask activity."""
@@ -48,12 +57,17 @@ def near_dead_masks(model: FCN, spec: TrainSpec, data: Datasets, *, seed: int,
 def finetune(state: TrainState, info: dict[str, Any], spec: TrainSpec, data: Datasets,
              save: Callable[[], None]) -> dict[str, Any]:
     """Train ``state`` from ``info['start']`` to ``info['start'] + info['steps']`` with the run's
-    recipe (schedule restarted, evaluated ten times), calling ``save`` at every evaluation;
-    returns the scores at the end. Continuing after a kill gives the same result."""
+    recipe (schedule restarted; evaluated up to ten times, see :data:`FINETUNE_GAP`), calling
+    ``save`` at every evaluation; returns the scores at the end. Continuing after a kill gives the
+    same result."""
     steps, start = info["steps"], info["start"]
-    ft = dataclasses.replace(spec.for_retrain(start, steps), eval_every=max(steps // 10, 1))
+    every = max(steps // FINETUNE_EVALS, FINETUNE_GAP)
+    ft = dataclasses.replace(spec.for_retrain(start, steps), eval_every=every)
     train_active(state, data.train, data.eval, ft, until_step=start + steps,
                  hooks=TrainHooks(on_checkpoint=lambda s: save()))
+    last = state.history[-1] if state.history else {}
+    if last.get("step") == start + steps and not ft.keep_best:  # of the weights it ends on
+        return {name: last[name] for name in EVAL_METRICS}
     scores = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
     scores.pop("n_images")
     return scores

@@ -96,18 +96,28 @@ def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path 
         m = start(run.state, config, spec, data)
         save_state(mdir / LOOP_FILE, m.to_dict())
 
+    written = [-1]  # decisions in the decision files this process wrote
+
+    def log_decisions(mm: Minimization) -> None:  # they change only with the log
+        if len(mm.log) != written[0]:
+            write_decisions(mdir, mm.log)
+            written[0] = len(mm.log)
+
     def on_save(mm: Minimization) -> None:
         save_state(mdir / LOOP_FILE, mm.to_dict())
-        write_decisions(mdir, mm.log)
+        log_decisions(mm)
 
     spec = run.spec()
     minimize(m, spec, data, LoopHooks(on_decision=on_decision, on_save=on_save))
-    final_scores = evaluate(m.current.model, data.eval, spec.eval_crop, spec.device)
-    final_scores.pop("n_images")
+    if m.finetune is not None and "scores_after" in m.finetune:  # the network's scores as it is
+        final_scores = dict(m.finetune["scores_after"])
+    else:
+        final_scores = evaluate(m.current.model, data.eval, spec.eval_crop, spec.device)
+        final_scores.pop("n_images")
     result = summary(m, final_scores)
     final = m.current.to_dict() | {"origin": m.origin, "orig_widths": m.orig_widths}
     save_state(mdir / FINAL_FILE, final)
-    write_decisions(mdir, m.log)
+    log_decisions(m)
     atomic_write_text(mdir / SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
     atomic_write_text(mdir / "masks.txt", mask_matrix_text(mask_matrix(m)))
     return MinimizeResult(target, m, result)
