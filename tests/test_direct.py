@@ -105,6 +105,30 @@ def test_every_layer_s_output_is_what_the_forward_pass_computes(name):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("band", [1, 5, 8])
+def test_inference_in_row_bands_gives_the_bits_of_the_layer_by_layer_pass(monkeypatch, band,
+                                                                           threads):
+    """Without gradient, model(x) runs every layer on one band of rows of one image at a time,
+    recomputing the rows a band's neighbours need: the same bits as a layer-by-layer pass, for
+    bands of one row, bands not dividing the height, one layer, masks off, RGB, kernels 1-9."""
+    monkeypatch.setattr(direct, "BAND_ROWS", band)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    cases = [*CASES.values(), {"widths": (1,), "shape": (2, 1, 13, 21)},
+             {"widths": (2, 3, 1), "kernel": 3, "off": ((1, 2),), "shape": (3, 1, 23, 40)}]
+    for case in cases:
+        model = _net(case["widths"], case.get("kernel", 5), case.get("in_channels", 1),
+                     case.get("off", ()))
+        x = torch.rand(case["shape"], generator=torch.Generator().manual_seed(3))
+        direct.use("direct")
+        weights, biases, actives = direct._gated(model)
+        with torch.no_grad():
+            ref = direct._stack_forward(x, [w.contiguous() for w in weights],
+                                        [b.contiguous() for b in biases], actives)[-1]
+            assert torch.equal(model(x), ref), case
+
+
+@needs_kernels
 def test_an_expanded_output_gradient_is_read_through_its_strides():
     model = _net((3, 2, 1))
     x = torch.rand(2, 1, 19, 23)

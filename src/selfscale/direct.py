@@ -10,7 +10,9 @@ written atomically) and loaded with :mod:`ctypes`.
 The whole stack of layers is one :class:`torch.autograd.Function`: activations stay in zero-
 padded planar buffers from one layer to the next, and the backward pass gives the weights and
 biases their gradients (the input gets none). Disabled masks are skipped: their outputs stay zero
-and their gradients are zero, which equals the masked network exactly.
+and their gradients are zero, which equals the masked network exactly. Without a gradient
+(evaluation, inference) one kernel call runs every layer on one band of rows of one image at a
+time (:func:`_banded_forward`), so the activations stay in the caches: the same bits.
 
 Which implementation a process uses is set by :func:`use` (``--conv``): ``torch`` (PyTorch's
 convolutions), ``direct``, or ``auto`` (direct when it compiles). A run records the one it
@@ -116,6 +118,8 @@ def library() -> ctypes.CDLL | None:
                                 _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _dbl, _dbl, _dbl,
                                 _dbl, _dbl, _int]
         lib.ss_step.restype = _dbl
+        lib.ss_forward.argtypes = [_ptr, _long, _long, _int, _int, _int, _int, _int, _ptr, _ptr,
+                                   _ptr, _ptr, _ptr, _ptr, _int, _int]
         lib.ss_uiqi_map.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _ptr, _int]
         lib.ss_sample.argtypes = [_ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int,
                                   _int, _ptr, _ptr]
@@ -310,14 +314,42 @@ def _gated(model: FCN) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     return weights, biases, actives
 
 
+BAND_ROWS = 64
+"""Output rows of one band of an inference pass (``ss_forward``)."""
+
+
+def _pointers(ts: list[Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def _banded_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor],
+                    actives: list[Tensor]) -> Tensor:
+    """The stack's output, one image and one band of :data:`BAND_ROWS` rows through every
+    layer at a time (``ss_forward``): the same values as :func:`_stack_forward`'s last."""
+    n, c, h, wd = x.shape
+    k = weights[0].shape[-1]
+    cur = _padded(n, c, h, wd, k)
+    _pad_copy(x, cur, None, k // 2)
+    last, act = weights[-1], actives[-1]
+    make = torch.empty if act.numel() == last.shape[0] else torch.zeros
+    out = make(n, last.shape[0], h, wd, dtype=torch.float32, device="cpu")
+    chans = (ctypes.c_int * (len(weights) + 1))(c, *[w.shape[0] for w in weights])
+    _library.ss_forward(cur.data_ptr(), cur.shape[2] * cur.shape[3], cur.shape[3], n, h, wd, k,
+                        len(weights), chans, _pointers(weights), _pointers(biases),
+                        _pointers(actives), (ctypes.c_int * len(actives))(
+                            *[a.numel() for a in actives]),
+                        out.data_ptr(), BAND_ROWS, torch.get_num_threads())
+    return out
+
+
 def forward(model: FCN, x: Tensor) -> Tensor:
     """``model(x)`` on the direct kernels (call only when :func:`applicable`)."""
     weights, biases, actives = _gated(model)
     if torch.is_grad_enabled() and any(t.requires_grad for t in weights + biases):
         params = [t for pair in zip(weights, biases) for t in pair]
         return _Stack.apply(x, actives, *params)
-    return _stack_forward(x, [w.detach().contiguous() for w in weights],
-                          [b.detach().contiguous() for b in biases], actives)[-1]
+    return _banded_forward(x, [w.detach().contiguous() for w in weights],
+                           [b.detach().contiguous() for b in biases], actives)
 
 
 def layer_outputs(model: FCN, x: Tensor) -> list[Tensor]:

@@ -559,6 +559,57 @@ extern "C" void ss_pad_copy(const float* src, long sn, long sc, long sh, long sw
 }
 
 // ---------------------------------------------------------------------------------------------
+// Inference through a whole stack (every layer ReLU), one image and one band of `band` output
+// rows at a time, so that what a band's layers write and read stays in the caches: a layer-by-
+// layer pass over several large images streams every activation through memory. Layer i of
+// L computes rows [a, b) = the band widened by p (L - 1 - i) rows each way (clipped to the
+// image), into a padded band buffer whose border rows are zero where the image ends and never
+// read elsewhere; the rows the next band needs again are computed again. Each output is the
+// same kernel's same fixed-order sum as in a layer-by-layer pass: the same bits. `in` is the
+// padded input (N images of chans[0] planes), `out` dense (N, chans[L], H, W); weights are
+// contiguous (co, ci, ky, kx).
+extern "C" void ss_forward(const float* in, long in_plane, long row, int N, int H, int W, int K,
+                           int L, const int* chans, const float* const* ws,
+                           const float* const* bs, const int* const* actives, const int* nact,
+                           float* out, int band, int threads) {
+  const int p = K / 2;
+  std::vector<long> at(L), plane(L);
+  long total = 0;
+  for (int i = 0; i + 1 < L; i++) {
+    plane[i] = (long)(std::min(H, band + 2 * p * (L - 1 - i)) + 2 * p) * row;
+    at[i] = total;
+    total += chans[i + 1] * plane[i];
+  }
+  std::vector<float> buf((size_t)total);
+  std::vector<int> all(chans[0]);
+  for (int c = 0; c < chans[0]; c++) all[c] = c;
+  for (long n = 0; n < N; n++)
+    for (int y0 = 0; y0 < H; y0 += band) {
+      const int y1 = std::min(H, y0 + band);
+      const float* src = in + n * chans[0] * in_plane;
+      long src_plane = in_plane;
+      int above = 0;                                // the first row src holds (its border: p)
+      const int* ins = all.data();
+      int nin = chans[0];
+      for (int i = 0; i < L; i++) {
+        const int a = std::max(0, y0 - p * (L - 1 - i)), b = std::min(H, y1 + p * (L - 1 - i));
+        const float* s = src + (long)(a - above) * row;   // input rows a - p .. b + p - 1
+        if (i == L - 1) {
+          ss_conv(s, src_plane, row, ws[i], 0, bs[i], out + (n * chans[L] * H + a) * W,
+                  (long)H * W, W, 0, -1, nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i],
+                  chans[L], b - a, W, K, threads);
+        } else {
+          float* dst = buf.data() + at[i];
+          ss_conv(s, src_plane, row, ws[i], 0, bs[i], dst, plane[i], row, p * row + p, p,
+                  nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i], chans[i + 1], b - a,
+                  W, K, threads);
+          src = dst; src_plane = plane[i]; above = a; ins = actives[i]; nin = nact[i];
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // One whole training step in one call (selfscale.direct_step): forward through every layer,
 // the loss and its gradient, backward, frozen masks, gradient clipping and Adam. The same
 // kernels as above, called without Python, buffers or autograd between them.
