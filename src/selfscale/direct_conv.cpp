@@ -580,7 +580,8 @@ extern "C" void ss_forward(const float* in, long in_plane, long row, int N, int 
     at[i] = total;
     total += chans[i + 1] * plane[i];
   }
-  std::vector<float> buf((size_t)total);
+  static thread_local std::vector<float> buf;   // every element read is written first
+  buf.resize((size_t)total);
   std::vector<int> all(chans[0]);
   for (int c = 0; c < chans[0]; c++) all[c] = c;
   for (long n = 0; n < N; n++)
