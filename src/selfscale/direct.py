@@ -118,8 +118,8 @@ def library() -> ctypes.CDLL | None:
                                 _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _dbl, _dbl, _dbl,
                                 _dbl, _dbl, _int]
         lib.ss_step.restype = _dbl
-        lib.ss_forward.argtypes = [_ptr, _long, _long, _int, _int, _int, _int, _int, _ptr, _ptr,
-                                   _ptr, _ptr, _ptr, _ptr, _int, _int]
+        lib.ss_forward.argtypes = [_ptr, _ptr, _int, _int, _int, _int, _int, _ptr, _ptr, _ptr,
+                                   _ptr, _ptr, _ptr, _int, _int]
         lib.ss_uiqi_map.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _ptr, _int]
         lib.ss_sample.argtypes = [_ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int,
                                   _int, _ptr, _ptr]
@@ -325,20 +325,18 @@ def _pointers(ts: list[Tensor]) -> ctypes.Array:
 def _banded_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor],
                     actives: list[Tensor]) -> Tensor:
     """The stack's output, one image and one band of :data:`BAND_ROWS` rows through every
-    layer at a time (``ss_forward``): the same values as :func:`_stack_forward`'s last."""
+    layer at a time (``ss_forward``, which copies x's rows into its padded band buffers): the
+    same values as :func:`_stack_forward`'s last."""
     n, c, h, wd = x.shape
-    k = weights[0].shape[-1]
-    cur = _padded(n, c, h, wd, k)
-    _pad_copy(x, cur, None, k // 2)
     last, act = weights[-1], actives[-1]
     make = torch.empty if act.numel() == last.shape[0] else torch.zeros
     out = make(n, last.shape[0], h, wd, dtype=torch.float32, device="cpu")
     chans = (ctypes.c_int * (len(weights) + 1))(c, *[w.shape[0] for w in weights])
-    _library.ss_forward(cur.data_ptr(), cur.shape[2] * cur.shape[3], cur.shape[3], n, h, wd, k,
-                        len(weights), chans, _pointers(weights), _pointers(biases),
-                        _pointers(actives), (ctypes.c_int * len(actives))(
-                            *[a.numel() for a in actives]),
-                        out.data_ptr(), BAND_ROWS, torch.get_num_threads())
+    nact = (ctypes.c_int * len(actives))(*[a.numel() for a in actives])
+    _library.ss_forward(x.data_ptr(), (ctypes.c_long * 4)(*x.stride()), n, h, wd,
+                        weights[0].shape[-1], len(weights), chans, _pointers(weights),
+                        _pointers(biases), _pointers(actives), nact, out.data_ptr(), BAND_ROWS,
+                        torch.get_num_threads())
     return out
 
 

@@ -564,21 +564,22 @@ extern "C" void ss_pad_copy(const float* src, long sn, long sc, long sh, long sw
 // layer pass over several large images streams every activation through memory. Layer i of
 // L computes rows [a, b) = the band widened by p (L - 1 - i) rows each way (clipped to the
 // image), into a padded band buffer whose border rows are zero where the image ends and never
-// read elsewhere; the rows the next band needs again are computed again. Each output is the
-// same kernel's same fixed-order sum as in a layer-by-layer pass: the same bits. `in` is the
-// padded input (N images of chans[0] planes), `out` dense (N, chans[L], H, W); weights are
-// contiguous (co, ci, ky, kx).
-extern "C" void ss_forward(const float* in, long in_plane, long row, int N, int H, int W, int K,
-                           int L, const int* chans, const float* const* ws,
-                           const float* const* bs, const int* const* actives, const int* nact,
-                           float* out, int band, int threads) {
+// read elsewhere; the rows the next band needs again are computed again. The band's input rows
+// are copied from x (any strides) into a padded band buffer too. Each output is the same
+// kernel's same fixed-order sum as in a layer-by-layer pass: the same bits. `out` is dense
+// (N, chans[L], H, W); weights are contiguous (co, ci, ky, kx).
+extern "C" void ss_forward(const float* x, const long* xs, int N, int H, int W, int K, int L,
+                           const int* chans, const float* const* ws, const float* const* bs,
+                           const int* const* actives, const int* nact, float* out, int band,
+                           int threads) {
   const int p = K / 2;
-  std::vector<long> at(L), plane(L);
+  const long row = (W + 15) / 16 * 16 + K - 1;
+  std::vector<long> at(L), plane(L);                  // [0]: the input, [i + 1]: layer i's
   long total = 0;
-  for (int i = 0; i + 1 < L; i++) {
-    plane[i] = (long)(std::min(H, band + 2 * p * (L - 1 - i)) + 2 * p) * row;
+  for (int i = 0; i < L; i++) {
+    plane[i] = (long)(std::min(H, band + 2 * p * (L - std::max(i, 1))) + 2 * p) * row;
     at[i] = total;
-    total += chans[i + 1] * plane[i];
+    total += chans[i] * plane[i];
   }
   static thread_local std::vector<float> buf;   // every element read is written first
   buf.resize((size_t)total);
@@ -587,9 +588,20 @@ extern "C" void ss_forward(const float* in, long in_plane, long row, int N, int 
   for (long n = 0; n < N; n++)
     for (int y0 = 0; y0 < H; y0 += band) {
       const int y1 = std::min(H, y0 + band);
-      const float* src = in + n * chans[0] * in_plane;
-      long src_plane = in_plane;
-      int above = 0;                                // the first row src holds (its border: p)
+      // input rows a - p .. b + p - 1 of layer 0's [a, b), zero outside the image
+      const int a0 = std::max(0, y0 - p * (L - 1)), b0 = std::min(H, y1 + p * (L - 1));
+      float* src = buf.data();
+      for (int c = 0; c < chans[0]; c++)
+        for (int r = a0 - p; r < b0 + p; r++) {
+          float* d = src + c * plane[0] + (long)(r - a0 + p) * row;
+          std::memset(d, 0, sizeof(float) * row);
+          if (r < 0 || r >= H) continue;
+          const float* s = x + n * xs[0] + c * xs[1] + r * xs[2];
+          if (xs[3] == 1) std::memcpy(d + p, s, sizeof(float) * W);
+          else for (int q = 0; q < W; q++) d[p + q] = s[q * xs[3]];
+        }
+      long src_plane = plane[0];
+      int above = a0;                         // the image row at row p of src
       const int* ins = all.data();
       int nin = chans[0];
       for (int i = 0; i < L; i++) {
@@ -600,11 +612,11 @@ extern "C" void ss_forward(const float* in, long in_plane, long row, int N, int 
                   (long)H * W, W, 0, -1, nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i],
                   chans[L], b - a, W, K, threads);
         } else {
-          float* dst = buf.data() + at[i];
-          ss_conv(s, src_plane, row, ws[i], 0, bs[i], dst, plane[i], row, p * row + p, p,
+          float* dst = buf.data() + at[i + 1];
+          ss_conv(s, src_plane, row, ws[i], 0, bs[i], dst, plane[i + 1], row, p * row + p, p,
                   nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i], chans[i + 1], b - a,
                   W, K, threads);
-          src = dst; src_plane = plane[i]; above = a; ins = actives[i]; nin = nact[i];
+          src = dst; src_plane = plane[i + 1]; above = a; ins = actives[i]; nin = nact[i];
         }
       }
     }
