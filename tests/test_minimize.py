@@ -519,6 +519,31 @@ def test_evaluations_for_abort_below_do_not_change_the_training(trained):
                for k, v in a.current.model.state_dict().items())
 
 
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_a_short_finetune_pauses_at_least_100_steps_apart_unless_it_keeps_its_best(trained,
+                                                                                  keep_best):
+    """A 300-step fine-tune from step 200 is evaluated at 300, 400 and 500 (its tenths are 30
+    steps, under FINETUNE_GAP); with --keep-best, whose evaluations choose its end, every 30
+    steps as before. The scores it returns are its last evaluation's: those of its weights."""
+    import dataclasses
+
+    from selfscale.minimize.finish import finetune
+    from selfscale.minimize.state import clone_state
+    from selfscale.train import evaluate
+
+    run, _ = trained
+    spec, data = _env(run)
+    spec = dataclasses.replace(spec, keep_best=keep_best)
+    state = clone_state(run.state)
+    before = len(state.history)
+    scores = finetune(state, {"start": 200, "steps": 300}, spec, data, lambda: None)
+    steps = [r["step"] for r in state.history[before:]]
+    assert steps == ([*range(210, 500, 30), 500] if keep_best else [300, 400, 500])
+    if not keep_best:
+        fresh = evaluate(state.model, data.eval, spec.eval_crop, spec.device)
+        assert scores == {k: v for k, v in fresh.items() if k != "n_images"}
+
+
 def test_a_finetune_that_lowers_the_score_is_undone(trained, monkeypatch):
     """The fine-tune's result is kept only if the score does not fall; else the network before
     it stays, and the summary says so. Its steps still count."""

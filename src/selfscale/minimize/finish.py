@@ -33,11 +33,12 @@ from selfscale.train import (EVAL_METRICS, TrainHooks, TrainSpec, TrainState, as
 
 FINETUNE_EVALS = 10
 """The fine-tune is evaluated (and the loop checkpointed) every ``steps // FINETUNE_EVALS``
-steps, but at least :data:`FINETUNE_GAP` steps apart."""
+steps, but at least :data:`FINETUNE_GAP` steps apart unless the run keeps its best."""
 FINETUNE_GAP = 100
 """A pause (an evaluation, a checkpoint, the narrow network's weights written back) costs about
 what 5-50 training steps do: a short fine-tune paused every ``steps // 10`` steps spent up to a
-fifth of its time there. Its evaluations steer nothing (no early stop, no best-of)."""
+fifth of its time there. Its evaluations steer nothing (it has no early stop); with the run's
+``--keep-best`` they choose its end, and it keeps its ten."""
 
 PROBE_CROPS = 32
 """Random training crops (of the run's training crop size) that measure mask activity."""
@@ -61,7 +62,7 @@ def finetune(state: TrainState, info: dict[str, Any], spec: TrainSpec, data: Dat
     ``save`` at every evaluation; returns the scores at the end. Continuing after a kill gives the
     same result."""
     steps, start = info["steps"], info["start"]
-    every = max(steps // FINETUNE_EVALS, FINETUNE_GAP)
+    every = max(steps // FINETUNE_EVALS, 1 if spec.keep_best else FINETUNE_GAP)
     ft = dataclasses.replace(spec.for_retrain(start, steps), eval_every=every)
     train_active(state, data.train, data.eval, ft, until_step=start + steps,
                  hooks=TrainHooks(on_checkpoint=lambda s: save()))

@@ -96,12 +96,13 @@ def minimize_run(run: Run, data: Datasets, config: MinimizeConfig, *, out: Path 
         m = start(run.state, config, spec, data)
         save_state(mdir / LOOP_FILE, m.to_dict())
 
-    written = [-1]  # decisions in the decision files this process wrote
+    written = -1  # decisions in the decision files this process wrote
 
     def log_decisions(mm: Minimization) -> None:  # they change only with the log
-        if len(mm.log) != written[0]:
+        nonlocal written
+        if len(mm.log) != written:
             write_decisions(mdir, mm.log)
-            written[0] = len(mm.log)
+            written = len(mm.log)
 
     def on_save(mm: Minimization) -> None:
         save_state(mdir / LOOP_FILE, mm.to_dict())
