@@ -28,8 +28,14 @@ from selfscale.data import Datasets
 from selfscale.minimize.active import train_active
 from selfscale.minimize.alter import prunable_masks
 from selfscale.model import FCN, mask_activity
-from selfscale.train import (EVAL_METRICS, TrainHooks, TrainSpec, TrainState, as_input,
-                             evaluate)
+from selfscale.train import (
+    EVAL_METRICS,
+    TrainHooks,
+    TrainSpec,
+    TrainState,
+    as_input,
+    evaluate,
+)
 
 FINETUNE_EVALS = 10
 """The fine-tune is evaluated (and the loop checkpointed) every ``steps // FINETUNE_EVALS``
