@@ -567,12 +567,13 @@ extern "C" void ss_pad_copy(const float* src, long sn, long sc, long sh, long sw
 // read elsewhere; the rows the next band needs again are computed again. The band's input rows
 // are copied from x (any strides) into a padded band buffer too. Each output is the same
 // kernel's same fixed-order sum as in a layer-by-layer pass: the same bits. `out` is dense
-// (N, chans[L], H, W); weights are contiguous (co, ci, ky, kx).
-extern "C" void ss_forward(const float* x, const long* xs, int N, int H, int W, int K, int L,
-                           const int* chans, const float* const* ws, const float* const* bs,
-                           const int* const* actives, const int* nact, float* out, int band,
-                           int threads) {
-  const int p = K / 2;
+// (N, chans[L], H, W); weights are contiguous (co, ci, ky, kx). forward_band: the output rows
+// [y0, y0 + band) of image n.
+static void forward_band(const float* x, const long* xs, int H, int W, int K, int L,
+                         const int* chans, const float* const* ws, const float* const* bs,
+                         const int* const* actives, const int* nact, float* out, int band,
+                         long n, int y0, int threads) {
+  const int p = K / 2, y1 = std::min(H, y0 + band);
   const long row = (W + 15) / 16 * 16 + K - 1;
   std::vector<long> at(L), plane(L);                  // [0]: the input, [i + 1]: layer i's
   long total = 0;
@@ -585,41 +586,57 @@ extern "C" void ss_forward(const float* x, const long* xs, int N, int H, int W, 
   buf.resize((size_t)total);
   std::vector<int> all(chans[0]);
   for (int c = 0; c < chans[0]; c++) all[c] = c;
-  for (long n = 0; n < N; n++)
-    for (int y0 = 0; y0 < H; y0 += band) {
-      const int y1 = std::min(H, y0 + band);
-      // input rows a - p .. b + p - 1 of layer 0's [a, b), zero outside the image
-      const int a0 = std::max(0, y0 - p * (L - 1)), b0 = std::min(H, y1 + p * (L - 1));
-      float* src = buf.data();
-      for (int c = 0; c < chans[0]; c++)
-        for (int r = a0 - p; r < b0 + p; r++) {
-          float* d = src + c * plane[0] + (long)(r - a0 + p) * row;
-          std::memset(d, 0, sizeof(float) * row);
-          if (r < 0 || r >= H) continue;
-          const float* s = x + n * xs[0] + c * xs[1] + r * xs[2];
-          if (xs[3] == 1) std::memcpy(d + p, s, sizeof(float) * W);
-          else for (int q = 0; q < W; q++) d[p + q] = s[q * xs[3]];
-        }
-      long src_plane = plane[0];
-      int above = a0;                         // the image row at row p of src
-      const int* ins = all.data();
-      int nin = chans[0];
-      for (int i = 0; i < L; i++) {
-        const int a = std::max(0, y0 - p * (L - 1 - i)), b = std::min(H, y1 + p * (L - 1 - i));
-        const float* s = src + (long)(a - above) * row;   // input rows a - p .. b + p - 1
-        if (i == L - 1) {
-          ss_conv(s, src_plane, row, ws[i], 0, bs[i], out + (n * chans[L] * H + a) * W,
-                  (long)H * W, W, 0, -1, nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i],
-                  chans[L], b - a, W, K, threads);
-        } else {
-          float* dst = buf.data() + at[i + 1];
-          ss_conv(s, src_plane, row, ws[i], 0, bs[i], dst, plane[i + 1], row, p * row + p, p,
-                  nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i], chans[i + 1], b - a,
-                  W, K, threads);
-          src = dst; src_plane = plane[i + 1]; above = a; ins = actives[i]; nin = nact[i];
-        }
-      }
+  // input rows a - p .. b + p - 1 of layer 0's [a, b), zero outside the image
+  const int a0 = std::max(0, y0 - p * (L - 1)), b0 = std::min(H, y1 + p * (L - 1));
+  float* src = buf.data();
+  for (int c = 0; c < chans[0]; c++)
+    for (int r = a0 - p; r < b0 + p; r++) {
+      float* d = src + c * plane[0] + (long)(r - a0 + p) * row;
+      std::memset(d, 0, sizeof(float) * row);
+      if (r < 0 || r >= H) continue;
+      const float* s = x + n * xs[0] + c * xs[1] + r * xs[2];
+      if (xs[3] == 1) std::memcpy(d + p, s, sizeof(float) * W);
+      else for (int q = 0; q < W; q++) d[p + q] = s[q * xs[3]];
     }
+  long src_plane = plane[0];
+  int above = a0;                         // the image row at row p of src
+  const int* ins = all.data();
+  int nin = chans[0];
+  for (int i = 0; i < L; i++) {
+    const int a = std::max(0, y0 - p * (L - 1 - i)), b = std::min(H, y1 + p * (L - 1 - i));
+    const float* s = src + (long)(a - above) * row;   // input rows a - p .. b + p - 1
+    if (i == L - 1) {
+      ss_conv(s, src_plane, row, ws[i], 0, bs[i], out + (n * chans[L] * H + a) * W, (long)H * W,
+              W, 0, -1, nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i], chans[L], b - a,
+              W, K, threads);
+    } else {
+      float* dst = buf.data() + at[i + 1];
+      ss_conv(s, src_plane, row, ws[i], 0, bs[i], dst, plane[i + 1], row, p * row + p, p,
+              nullptr, 1, actives[i], nact[i], ins, nin, 1, chans[i], chans[i + 1], b - a, W, K,
+              threads);
+      src = dst; src_plane = plane[i + 1]; above = a; ins = actives[i]; nin = nact[i];
+    }
+  }
+}
+
+// Bands are shared among the threads (each band one thread's, with its own buffers), or, with
+// fewer bands than threads, each band's rows are.
+extern "C" void ss_forward(const float* x, const long* xs, int N, int H, int W, int K, int L,
+                           const int* chans, const float* const* ws, const float* const* bs,
+                           const int* const* actives, const int* nact, float* out, int band,
+                           int threads) {
+  const int bands = (H + band - 1) / band;
+  const long items = (long)N * bands;
+  if (threads > 1 && items >= threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long it = 0; it < items; it++)
+      forward_band(x, xs, H, W, K, L, chans, ws, bs, actives, nact, out, band, it / bands,
+                   (int)(it % bands) * band, 1);
+  } else {
+    for (long it = 0; it < items; it++)
+      forward_band(x, xs, H, W, K, L, chans, ws, bs, actives, nact, out, band, it / bands,
+                   (int)(it % bands) * band, threads);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
