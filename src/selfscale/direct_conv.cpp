@@ -710,12 +710,14 @@ LossTerms loss_terms(int kind, const float* o, Geo go, const float* t, long tc, 
 }
 }  // namespace
 
-extern "C" double ss_step(const float* x, const long* xs, const float* y, const long* ys, int N,
-                          int H, int W, int K, int L, const int* chans, float* const* params,
-                          const long* wstrides, float* const* exp_avg, float* const* exp_avg_sq,
-                          float* const* steps, const int* const* actives, const int* nact,
-                          const unsigned char* const* frozen, int loss, double lr, double beta1,
-                          double beta2, double eps, double clip, int threads) {
+// `xpad`: the input already in a padded buffer of this step's layout (zero outside each plane's
+// interior), read in place instead of copying x.
+static double step_on(const float* x, const long* xs, const float* xpad, const float* y,
+                      const long* ys, int N, int H, int W, int K, int L, const int* chans,
+                      float* const* params, const long* wstrides, float* const* exp_avg,
+                      float* const* exp_avg_sq, float* const* steps, const int* const* actives,
+                      const int* nact, const unsigned char* const* frozen, int loss, double lr,
+                      double beta1, double beta2, double eps, double clip, int threads) {
   const int p = K / 2;
   const int Wr = (W + 15) / 16 * 16;
   const long plane = padded_plane(H, W, K), row = Wr + K - 1, off = p * row + p, KK = (long)K * K;
@@ -757,10 +759,12 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
         if (!on[c]) std::memset(act + at[L] + (n * chans[L] + c) * plane, 0, sizeof(float) * plane);
   }
   // forward
-  ss_pad_copy(x, xs[0], xs[1], xs[2], xs[3], nullptr, act, plane, row, p, N, chans[0], H, W,
-              threads);
+  auto input = [&](int i) -> const float* { return i == 0 && xpad ? xpad : act + at[i]; };
+  if (!xpad)
+    ss_pad_copy(x, xs[0], xs[1], xs[2], xs[3], nullptr, act, plane, row, p, N, chans[0], H, W,
+                threads);
   for (int i = 0; i < L; i++)
-    ss_conv(act + at[i], plane, row, wc + wat[i], 0, params[2 * i + 1], act + at[i + 1], plane,
+    ss_conv(input(i), plane, row, wc + wat[i], 0, params[2 * i + 1], act + at[i + 1], plane,
             row, off, p, nullptr, 1, actives[i], nact[i], i ? actives[i - 1] : all.data(),
             i ? nact[i - 1] : chans[0], N, chans[i], chans[i + 1], H, W, K, threads);
   // loss, and its gradient times ReLU's (zero where the output is <= 0) into g0, padded
@@ -801,7 +805,7 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
   for (int i = L - 1; i >= 0; i--) {
     const int* ins = i ? actives[i - 1] : all.data();
     const int nin = i ? nact[i - 1] : chans[0];
-    ss_wgrad(act + at[i], plane, row, g, plane, row, off, grad + gat[2 * i],
+    ss_wgrad(input(i), plane, row, g, plane, row, off, grad + gat[2 * i],
              grad + gat[2 * i + 1], actives[i], nact[i], ins, nin, N, chans[i], chans[i + 1],
              H, W, K, threads);
     if (i > 0) {
@@ -856,6 +860,17 @@ extern "C" double ss_step(const float* x, const long* xs, const float* y, const 
     }
   }
   return total_loss / N;
+}
+
+extern "C" double ss_step(const float* x, const long* xs, const float* y, const long* ys, int N,
+                          int H, int W, int K, int L, const int* chans, float* const* params,
+                          const long* wstrides, float* const* exp_avg, float* const* exp_avg_sq,
+                          float* const* steps, const int* const* actives, const int* nact,
+                          const unsigned char* const* frozen, int loss, double lr, double beta1,
+                          double beta2, double eps, double clip, int threads) {
+  return step_on(x, xs, nullptr, y, ys, N, H, W, K, L, chans, params, wstrides, exp_avg,
+                 exp_avg_sq, steps, actives, nact, frozen, loss, lr, beta1, beta2, eps, clip,
+                 threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -998,9 +1013,11 @@ static void ss_draw_cuts(ss_bitgen* g, int count, const long* H, const long* W, 
   }
 }
 
+// Crop i's row r goes to xs + i * xplane + r * xrow (dense: crop², crop; or the interior of a
+// padded buffer) and to ys + (i * crop + r) * crop.
 static void ss_copy_cuts(const float* const* images, const float* const* targets,
                          const long* ri, const long* rt, int batch, int crop,
-                         const ss_cut* cuts, float* xs, float* ys) {
+                         const ss_cut* cuts, float* xs, long xplane, long xrow, float* ys) {
   // the rows of the next crop are fetched while this one is copied (the images are large and
   // mostly not in cache: the copy waits on memory)
   auto fetch = [&](const ss_cut& c) {
@@ -1019,7 +1036,7 @@ static void ss_copy_cuts(const float* const* images, const float* const* targets
       const long row = c.top + (c.vflip ? crop - 1 - r : r);
       const float* a = images[c.k] + row * ri[c.k] + c.left;
       const float* b = targets[c.k] + row * rt[c.k] + c.left;
-      float* xo = xs + i * cc + (long)r * crop;
+      float* xo = xs + i * xplane + (long)r * xrow;
       float* yo = ys + i * cc + (long)r * crop;
       if (c.hflip) {
         for (int x = 0; x < crop; x++) { xo[x] = a[crop - 1 - x]; yo[x] = b[crop - 1 - x]; }
@@ -1037,7 +1054,8 @@ extern "C" void ss_sample(void* bitgen, int count, const float* const* images,
                           float* xs, float* ys) {
   std::vector<ss_cut> cuts(batch);
   ss_draw_cuts((ss_bitgen*)bitgen, count, H, W, batch, crop, flips, cuts.data());
-  ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xs, ys);
+  ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xs, (long)crop * crop, crop,
+               ys);
 }
 
 // A batch stream (selfscale.crops.BatchStream): ss_sample split in two, the draws made on the
@@ -1050,7 +1068,7 @@ struct ss_stream {
   bool pending = false, quit = false;
   std::vector<ss_cut> cuts;
   const float* const* images; const float* const* targets; const long* ri; const long* rt;
-  int batch, crop; float* xs; float* ys;
+  int batch, crop; float* xs; long xplane, xrow; float* ys;
   std::thread worker;   // last: it starts once every member above is constructed
 
   ss_stream() { worker = std::thread([this] { run(); }); }
@@ -1060,7 +1078,7 @@ struct ss_stream {
       cv.wait(lock, [this] { return pending || quit; });
       if (quit) return;
       lock.unlock();
-      ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xs, ys);
+      ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xs, xplane, xrow, ys);
       lock.lock();
       pending = false;
       cv.notify_all();
@@ -1089,19 +1107,27 @@ extern "C" void ss_stream_free(void* stream) {
 
 // The draws of ss_sample now; its copy on the stream's thread (the arrays must stay alive and
 // untouched until ss_stream_wait).
-extern "C" void ss_stream_sample(void* stream, void* bitgen, int count,
-                                 const float* const* images, const float* const* targets,
-                                 const long* H, const long* W, const long* ri, const long* rt,
-                                 int batch, int crop, int flips, float* xs, float* ys) {
+static void stream_sample(void* stream, void* bitgen, int count, const float* const* images,
+                          const float* const* targets, const long* H, const long* W,
+                          const long* ri, const long* rt, int batch, int crop, int flips,
+                          float* xs, long xplane, long xrow, float* ys) {
   ss_stream* s = (ss_stream*)stream;
   s->wait();
   s->cuts.resize(batch);
   ss_draw_cuts((ss_bitgen*)bitgen, count, H, W, batch, crop, flips, s->cuts.data());
   std::lock_guard<std::mutex> lock(s->m);
   s->images = images; s->targets = targets; s->ri = ri; s->rt = rt;
-  s->batch = batch; s->crop = crop; s->xs = xs; s->ys = ys;
+  s->batch = batch; s->crop = crop; s->xs = xs; s->xplane = xplane; s->xrow = xrow; s->ys = ys;
   s->pending = true;
   s->cv.notify_all();
+}
+
+extern "C" void ss_stream_sample(void* stream, void* bitgen, int count,
+                                 const float* const* images, const float* const* targets,
+                                 const long* H, const long* W, const long* ri, const long* rt,
+                                 int batch, int crop, int flips, float* xs, float* ys) {
+  stream_sample(stream, bitgen, count, images, targets, H, W, ri, rt, batch, crop, flips, xs,
+                (long)crop * crop, crop, ys);
 }
 
 // `count` training steps in one call: selfscale.train's loop between two pauses, when nothing
@@ -1121,27 +1147,40 @@ extern "C" int ss_steps(int count, const double* lrs, double* losses, void* stre
                         const unsigned char* const* frozen, int loss, double beta1,
                         double beta2, double eps, double clip, int threads) {
   ss_bitgen* g = (ss_bitgen*)bitgen;
-  float* xb[2] = {x0, x1};
   float* yb[2] = {y0, y1};
   const long cc = (long)crop * crop, strides[4] = {cc, cc, crop, 1};
+  // the crops go straight into two padded input buffers of the step's layout (one input plane):
+  // their borders are zeroed once and never written, so the step reads them in place
+  const int p = K / 2;
+  const long plane = padded_plane(crop, crop, K), row = (crop + 15) / 16 * 16 + K - 1;
+  static thread_local std::vector<float> padded;
+  static thread_local long layout[3] = {0, 0, 0};                // batch, crop, K
+  if (layout[0] != batch || layout[1] != crop || layout[2] != K) {
+    padded.assign((size_t)(2 * batch * plane), 0.f);
+    layout[0] = batch; layout[1] = crop; layout[2] = K;
+  }
+  float* xb[2] = {padded.data(), padded.data() + batch * plane};
+  float* xin[2] = {xb[0] + p * row + p, xb[1] + p * row + p};   // the interiors
+  (void)x0; (void)x1;   // the caller's dense input buffers are not needed
   std::vector<ss_cut> cuts(batch);
   ss_draw_cuts(g, n_images, H, W, batch, crop, flips, cuts.data());
-  ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), x0, y0);
+  ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xin[0], plane, row, y0);
   for (int i = 0; i < count; i++) {
     const int b = i % 2;
     const bool next = i + 1 < count;
     if (next && stream)
-      ss_stream_sample(stream, bitgen, n_images, images, targets, H, W, ri, rt, batch, crop,
-                       flips, xb[1 - b], yb[1 - b]);
+      stream_sample(stream, bitgen, n_images, images, targets, H, W, ri, rt, batch, crop, flips,
+                    xin[1 - b], plane, row, yb[1 - b]);
     else if (next)
       ss_draw_cuts(g, n_images, H, W, batch, crop, flips, cuts.data());
-    losses[i] = ss_step(xb[b], strides, yb[b], strides, batch, crop, crop, K, L, chans, params,
-                        wstrides, exp_avg, exp_avg_sq, steps, actives, nact, frozen, loss, lrs[i],
-                        beta1, beta2, eps, clip, threads);
+    losses[i] = step_on(nullptr, strides, xb[b], yb[b], strides, batch, crop, crop, K, L, chans,
+                        params, wstrides, exp_avg, exp_avg_sq, steps, actives, nact, frozen,
+                        loss, lrs[i], beta1, beta2, eps, clip, threads);
     if (next && stream)
       ss_stream_wait(stream);
     else if (next)
-      ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xb[1 - b], yb[1 - b]);
+      ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xin[1 - b], plane, row,
+                   yb[1 - b]);
     if (!std::isfinite(losses[i])) return i + 1;
   }
   return count;
