@@ -129,9 +129,9 @@ def library() -> ctypes.CDLL | None:
         lib.ss_stream_sample.argtypes = [_ptr, *lib.ss_sample.argtypes]
         lib.ss_integers_draw.restype = ctypes.c_uint64
         # count, lrs, losses, stream, then ss_sample's from the bit generator to flips, the
-        # four batch buffers, then ss_step's from K to frozen and its options but lr
+        # two target buffers, then ss_step's from K to frozen and its options but lr
         lib.ss_steps.argtypes = [_int, _ptr, _ptr, _ptr, *lib.ss_sample.argtypes[:-2],
-                                 _ptr, _ptr, _ptr, _ptr, *lib.ss_step.argtypes[7:19],
+                                 _ptr, _ptr, *lib.ss_step.argtypes[7:19],
                                  *lib.ss_step.argtypes[20:]]
         lib.ss_steps.restype = _int
         lib.ss_sample_draws.argtypes = [_ptr, _int, _ptr, _ptr, _int, _int, _int, _int]

@@ -25,6 +25,8 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 static inline v16 ld(const float* p) { return *(const v16u*)p; }
+// A padded buffer's row: W rounded up to whole strips, plus K - 1 (see the header).
+static inline long padded_row(int W, int K) { return (W + 15) / 16 * 16 + K - 1; }
 static inline void st(float* p, v16 v) { *(v16u*)p = v; }
 static inline v16 ld_n(const float* p, int n) {   // n <= 16 floats, the rest 0
   if (n == 16) return ld(p);
@@ -574,7 +576,7 @@ static void forward_band(const float* x, const long* xs, int H, int W, int K, in
                          const int* const* actives, const int* nact, float* out, int band,
                          long n, int y0, int threads) {
   const int p = K / 2, y1 = std::min(H, y0 + band);
-  const long row = (W + 15) / 16 * 16 + K - 1;
+  const long row = padded_row(W, K);
   std::vector<long> at(L), plane(L);                  // [0]: the input, [i + 1]: layer i's
   long total = 0;
   for (int i = 0; i < L; i++) {
@@ -650,7 +652,7 @@ extern "C" void ss_forward(const float* x, const long* xs, int N, int H, int W, 
 namespace {
 thread_local std::vector<float> workspace;
 
-long padded_plane(int H, int W, int K) { return (long)(H + K - 1) * ((W + 15) / 16 * 16 + K - 1); }
+long padded_plane(int H, int W, int K) { return (long)(H + K - 1) * padded_row(W, K); }
 
 // The loss of one image from its output o (padded, interior at off, zero right of it) and its
 // target t (rows contiguous), and the gradient coefficients:
@@ -720,7 +722,8 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
                       double beta1, double beta2, double eps, double clip, int threads) {
   const int p = K / 2;
   const int Wr = (W + 15) / 16 * 16;
-  const long plane = padded_plane(H, W, K), row = Wr + K - 1, off = p * row + p, KK = (long)K * K;
+  const long plane = padded_plane(H, W, K), row = padded_row(W, K), off = p * row + p;
+  const long KK = (long)K * K;
   int widest = 0;
   std::vector<long> at(L + 1), wat(L), gat(2 * L);   // activation, weight copy, gradient offsets
   long total = 0, wtotal = 0, gtotal = 0;
@@ -1134,13 +1137,14 @@ extern "C" void ss_stream_sample(void* stream, void* bitgen, int count,
 // runs between its steps. Step i trains (ss_step) on the batch ss_sample would draw next, at
 // learning rate lrs[i], and writes its loss to losses[i]. The draws of batch i + 1 are made
 // before step i; its copy runs meanwhile on the stream's thread (stream null: after step i) into
-// the other pair of batch buffers, (x0, y0) or (x1, y1), dense (batch, 1, crop, crop). Returns
+// the other of two padded input buffers (kept here) and target buffers y0, y1, dense
+// (batch, 1, crop, crop). Returns
 // the steps done: count, or fewer when a loss is not finite (that step included; the batch
 // after it was drawn).
 extern "C" int ss_steps(int count, const double* lrs, double* losses, void* stream, void* bitgen,
                         int n_images, const float* const* images, const float* const* targets,
                         const long* H, const long* W, const long* ri, const long* rt, int batch,
-                        int crop, int flips, float* x0, float* y0, float* x1, float* y1, int K,
+                        int crop, int flips, float* y0, float* y1, int K,
                         int L, const int* chans, float* const* params, const long* wstrides,
                         float* const* exp_avg, float* const* exp_avg_sq, float* const* steps,
                         const int* const* actives, const int* nact,
@@ -1152,7 +1156,7 @@ extern "C" int ss_steps(int count, const double* lrs, double* losses, void* stre
   // the crops go straight into two padded input buffers of the step's layout (one input plane):
   // their borders are zeroed once and never written, so the step reads them in place
   const int p = K / 2;
-  const long plane = padded_plane(crop, crop, K), row = (crop + 15) / 16 * 16 + K - 1;
+  const long plane = padded_plane(crop, crop, K), row = padded_row(crop, K);
   static thread_local std::vector<float> padded;
   static thread_local long layout[3] = {0, 0, 0};                // batch, crop, K
   if (layout[0] != batch || layout[1] != crop || layout[2] != K) {
@@ -1161,7 +1165,6 @@ extern "C" int ss_steps(int count, const double* lrs, double* losses, void* stre
   }
   float* xb[2] = {padded.data(), padded.data() + batch * plane};
   float* xin[2] = {xb[0] + p * row + p, xb[1] + p * row + p};   // the interiors
-  (void)x0; (void)x1;   // the caller's dense input buffers are not needed
   std::vector<ss_cut> cuts(batch);
   ss_draw_cuts(g, n_images, H, W, batch, crop, flips, cuts.data());
   ss_copy_cuts(images, targets, ri, rt, batch, crop, cuts.data(), xin[0], plane, row, y0);

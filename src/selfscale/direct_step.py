@@ -201,7 +201,7 @@ def train_steps(model: FCN, optimizer: torch.optim.Optimizer, batches: BatchStre
     sampler = batches.kernel_args() if 0 < count <= STEPS_PER_CALL else None
     if sampler is None:
         return None
-    x0, y0, x1, y1 = batches.buffers()
+    x0, y0, _, y1 = batches.buffers()  # x0: the batch's shape; the kernel pads its own input
     step = _step_args(model, optimizer, torch.from_numpy(x0), torch.from_numpy(y0), loss_fn)
     if step is None:
         return None
@@ -213,7 +213,7 @@ def train_steps(model: FCN, optimizer: torch.optim.Optimizer, batches: BatchStre
         before = bits.state
         done = direct._library.ss_steps(
             count, _array(ctypes.c_double, lrs), out, stream, bits.ctypes.bit_generator,
-            *sample_args, x0.ctypes.data, y0.ctypes.data, x1.ctypes.data, y1.ctypes.data,
+            *sample_args, y0.ctypes.data, y1.ctypes.data,
             *model_args, *_options(group, clip))
     if done < count:  # it diverged: the draws of the batch after that step are undone
         batches.rewind(before, done)
