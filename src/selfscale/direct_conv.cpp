@@ -300,7 +300,8 @@ static void zero_border(float* img, long plane, long row, int p, int H, int W, c
 
 // `pad` >= 0: `out` is a padded buffer with border `pad`, whose padding (the right margin up
 // to the row's end included) is zeroed here too; the planes not in `cos` are left alone.
-// `pad` < 0: `out` is dense.
+// `pad` < 0: the padding is left as it is (`out` is dense, or a padded buffer whose padding is
+// already zero).
 extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float* w,
                         int transposed, const float* b, float* out, long out_plane, long out_row,
                         long out_off, int pad, const float* ref, int mode, const int* cos,
@@ -721,7 +722,6 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
                       const int* nact, const unsigned char* const* frozen, int loss, double lr,
                       double beta1, double beta2, double eps, double clip, int threads) {
   const int p = K / 2;
-  const int Wr = (W + 15) / 16 * 16;
   const long plane = padded_plane(H, W, K), row = padded_row(W, K), off = p * row + p;
   const long KK = (long)K * K;
   int widest = 0;
@@ -735,7 +735,15 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
     gat[2 * i + 1] = gtotal; gtotal += chans[i + 1];
   }
   const long gbuf = (long)N * widest * plane;
-  workspace.resize((size_t)(total + 2 * gbuf + wtotal + gtotal));
+  // the planes' padding is zeroed once per layout (N, H, W, K, chans) and stays zero: the
+  // kernels write interiors only, and the loss gradient zero right of W
+  static thread_local std::vector<long> layout;
+  std::vector<long> key = {N, H, W, K, L};
+  key.insert(key.end(), chans, chans + L + 1);
+  if (key != layout) {
+    workspace.assign((size_t)(total + 2 * gbuf + wtotal + gtotal), 0.f);
+    layout = key;
+  }
   float* act = workspace.data();
   float* g0 = act + total; float* g1 = g0 + gbuf;
   float* wc = g1 + gbuf; float* grad = wc + wtotal;
@@ -768,7 +776,7 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
                 threads);
   for (int i = 0; i < L; i++)
     ss_conv(input(i), plane, row, wc + wat[i], 0, params[2 * i + 1], act + at[i + 1], plane,
-            row, off, p, nullptr, 1, actives[i], nact[i], i ? actives[i - 1] : all.data(),
+            row, off, -1, nullptr, 1, actives[i], nact[i], i ? actives[i - 1] : all.data(),
             i ? nact[i - 1] : chans[0], N, chans[i], chans[i + 1], H, W, K, threads);
   // loss, and its gradient times ReLU's (zero where the output is <= 0) into g0, padded
   const int CL = chans[L];
@@ -784,7 +792,6 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
               fc = (v16){} + (float)(lt.c / N), one = (v16){} + 1.f, zero = {};
     for (int c = 0; c < CL; c++) {
       float* gp = g0 + (n * CL + c) * plane;
-      std::memset(gp, 0, sizeof(float) * off);   // the rows above and row 0's left margin
       for (int r = 0; r < H; r++) {
         const float* orow = on + go.at(c, r);
         const float* trow = tn + c * ys[1] + r * ys[2];
@@ -795,10 +802,6 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
           v16 v = fa * sgn + fb * t + fc * d;
           st(grow + x0, o <= zero ? zero : v);               // NaN passes, as in torch
         }
-        // the K - 1 floats up to the next row's interior (16 written: that row comes next), or
-        // after the last row everything to the plane's end
-        if (r + 1 < H) st(grow + Wr, zero);
-        else std::memset(grow + Wr, 0, sizeof(float) * (gp + plane - (grow + Wr)));
       }
     }
   }
@@ -812,7 +815,7 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
              grad + gat[2 * i + 1], actives[i], nact[i], ins, nin, N, chans[i], chans[i + 1],
              H, W, K, threads);
     if (i > 0) {
-      ss_conv(g, plane, row, wc + wat[i], 1, nullptr, gn, plane, row, off, p, act + at[i], 2,
+      ss_conv(g, plane, row, wc + wat[i], 1, nullptr, gn, plane, row, off, -1, act + at[i], 2,
               ins, nin, actives[i], nact[i], N, chans[i + 1], chans[i], H, W, K, threads);
       std::swap(g, gn);
     }
