@@ -736,7 +736,7 @@ static double step_on(const float* x, const long* xs, const float* xpad, const f
   }
   const long gbuf = (long)N * widest * plane;
   // the planes' padding is zeroed once per layout (N, H, W, K, chans) and stays zero: the
-  // kernels write interiors only, and the loss gradient zero right of W
+  // kernels write interiors only, and the loss gradient writes zeros right of W
   static thread_local std::vector<long> layout;
   std::vector<long> key = {N, H, W, K, L};
   key.insert(key.end(), chans, chans + L + 1);
