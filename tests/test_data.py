@@ -463,6 +463,35 @@ def test_center_crops_position():
     np.testing.assert_array_equal(y, 1 - x)
 
 
+def test_center_crop_chunks_are_the_chunks_crops_held_on_the_set(monkeypatch):
+    """Chunks of 2 of a 5-image set: the centre crops of each chunk, the same bits. The whole
+    set's crops are made once and kept on it (the second pass yields views of the same arrays,
+    a sub-set holds nothing); above HELD_BYTES every chunk is cut anew and nothing is kept."""
+    import selfscale.crops as crops
+
+    rng = np.random.default_rng(2)
+    inputs = [rng.random((20 + i, 18 + 2 * i), dtype=np.float32) for i in range(5)]
+    images = ImageSet(list("abcde"), inputs, [x * x for x in inputs])
+    want = [center_crops(images[i:i + 2], 16) for i in range(0, 5, 2)]
+    for _ in range(2):
+        got = list(crops.center_crop_chunks(images, 16, 2))
+        assert len(got) == 3
+        for (x, y), (wx, wy) in zip(got, want, strict=True):
+            np.testing.assert_array_equal(x, wx)
+            np.testing.assert_array_equal(y, wy)
+        assert all(np.shares_memory(x, images.held["center", 16][0]) for x, _ in got)
+    assert images[:2].held == {}
+    fresh = ImageSet(images.names, images.inputs, images.targets)
+    monkeypatch.setattr(crops, "HELD_BYTES", 8 * 5 * 16 * 16 - 1)
+    got = list(crops.center_crop_chunks(fresh, 16, 2))
+    assert fresh.held == {}
+    for (x, y), (wx, wy) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x, wx)
+        np.testing.assert_array_equal(y, wy)
+    with pytest.raises(ValueError, match="crop 21 does not fit a"):
+        list(crops.center_crop_chunks(images, 21, 2))
+
+
 # --- bundled ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

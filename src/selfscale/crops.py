@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 from typing import Any, Self
 
 import numpy as np
@@ -190,6 +191,28 @@ def center_crops(images: ImageSet, crop: int) -> tuple[np.ndarray, np.ndarray]:
         xs[i, 0] = image[top:top + crop, left:left + crop]
         ys[i, 0] = target[top:top + crop, left:left + crop]
     return xs, ys
+
+
+HELD_BYTES = 64 * 2**20
+"""The most bytes of centre crops (inputs and targets) a set keeps for its next evaluation."""
+
+
+def center_crop_chunks(images: ImageSet, crop: int,
+                       size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`center_crops` of consecutive chunks of at most ``size`` images. The crops of the
+    whole set are made at the first call and kept on the set (``images.held``) when they take
+    at most :data:`HELD_BYTES`: an evaluation set is cropped at every evaluation, and cutting 4
+    crops of 256² from memory maps into new arrays took as long as the forward pass of a 1/1/1
+    network over them. Callers must not write to what they are given."""
+    if 8 * len(images) * crop * crop > HELD_BYTES:
+        for chunk in images.chunks(size):
+            yield center_crops(chunk, crop)
+        return
+    if ("center", crop) not in images.held:
+        images.held["center", crop] = center_crops(images, crop)
+    xs, ys = images.held["center", crop]
+    for start in range(0, len(images), size):
+        yield xs[start:start + size], ys[start:start + size]
 
 
 def _empty_batch(batch: int, crop: int) -> tuple[np.ndarray, np.ndarray]:

@@ -56,6 +56,9 @@ class ImageSet:
     """Grayscale inputs in [0, 1]."""
     targets: list[np.ndarray]
     """Targets in [0, 1], each the shape of its input."""
+    held: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """What is made from the whole set once and kept with it (its centre crops:
+    :func:`selfscale.crops.center_crop_chunks`); a sub-set starts empty."""
 
     def __len__(self) -> int:
         return len(self.names)

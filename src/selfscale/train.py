@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from selfscale import direct, direct_step
-from selfscale.crops import BatchStream, center_crops
+from selfscale.crops import BatchStream, center_crop_chunks
 from selfscale.data import ImageSet
 from selfscale.errors import TrainingError
 from selfscale.metrics import LOSSES, METRICS
@@ -211,16 +211,16 @@ def learning_rate(spec: TrainSpec, step: int) -> float:
 @torch.no_grad()
 def predict_batches(model: FCN, images: ImageSet, crop: int | None,
                     device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """Network output and target per chunk of eval images (centre crops, or whole images)."""
+    """Network output and target per chunk of eval images (centre crops, or whole images);
+    the targets may be the set's own held crops, not to be written to."""
     model.eval()
-    for chunk in images.chunks(EVAL_BATCH):
-        if crop is None:  # whole images, one at a time (sizes differ)
-            for x_np, y_np in zip(chunk.inputs, chunk.targets):
-                x = as_input(np.array(x_np, dtype=np.float32)[None, None], device)
-                yield model(x).float().cpu(), torch.from_numpy(np.array(y_np)[None, None])
-        else:
-            x_np, y_np = center_crops(chunk, crop)
-            yield model(as_input(x_np, device)).float().cpu(), torch.from_numpy(y_np)
+    if crop is None:  # whole images, one at a time (sizes differ)
+        pairs = ((np.array(x, dtype=np.float32)[None, None], np.array(y)[None, None])
+                 for x, y in zip(images.inputs, images.targets))
+    else:
+        pairs = center_crop_chunks(images, crop, EVAL_BATCH)
+    for x_np, y_np in pairs:
+        yield model(as_input(x_np, device)).float().cpu(), torch.from_numpy(y_np)
     model.train()
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from torch import Tensor
 
 from selfscale.config import MinimizeConfig
-from selfscale.crops import center_crops
+from selfscale.crops import center_crop_chunks
 from selfscale.data import Datasets
 from selfscale.metrics import LOSSES, METRICS
 from selfscale.minimize.active import train_active
@@ -125,8 +125,7 @@ def judged_paired(m: Minimization, score: float, steps: int, spec: TrainSpec,
 
 
 def eval_batches(spec: TrainSpec, data: Datasets) -> Iterator[tuple[Tensor, Tensor]]:
-    for chunk in data.eval.chunks(EVAL_BATCH):
-        x, y = center_crops(chunk, spec.eval_crop)
+    for x, y in center_crop_chunks(data.eval, spec.eval_crop, EVAL_BATCH):
         yield as_input(x, spec.device), as_input(y, spec.device)
 
 
