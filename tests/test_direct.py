@@ -180,13 +180,16 @@ def _padded_rand(n, c, h, wd, k, gen):
 @needs_kernels
 @pytest.mark.parametrize("kernel", (3, 5))
 @pytest.mark.parametrize("threads", (1, 2))
-def test_channels_run_down_the_rows_give_the_bits_of_the_row_passes(kernel, threads):
+@pytest.mark.parametrize("wd", (37, 70))
+def test_channels_run_down_the_rows_give_the_bits_of_the_row_passes(kernel, threads, wd):
     """On narrow images 1-2 output channels run down the rows (ss_conv), and one channel's
     weight gradient does (ss_wgrad); every sum keeps its order, so a channel's bits are those it
-    gets among three, two rows a pass, or in a block of three channels."""
+    gets among three, two rows a pass, or in a block of three channels. One channel with K = 5
+    takes a ring of registers for each whole block of 32 columns (one block and a tail of 5
+    at 37 wide, two and a tail of 6 at 70)."""
     direct.library()
     gen = torch.Generator().manual_seed(3)
-    n, cin, h, wd, k = 2, 3, 19, 37, kernel
+    n, cin, h, k = 2, 3, 19, kernel
     x, g = _padded_rand(n, cin, h, wd, k, gen), _padded_rand(n, 3, h, wd, k, gen)
     ref = _padded_rand(n, 3, h, wd, k, gen)
     w, b = torch.randn(3, cin, k, k, generator=gen), torch.randn(3, generator=gen)
