@@ -184,9 +184,9 @@ def _padded_rand(n, c, h, wd, k, gen):
 def test_channels_run_down_the_rows_give_the_bits_of_the_row_passes(kernel, threads, wd):
     """On narrow images 1-2 output channels run down the rows (ss_conv), and one channel's
     weight gradient does (ss_wgrad); every sum keeps its order, so a channel's bits are those it
-    gets among three, two rows a pass, or in a block of three channels. One channel with K = 5
+    gets among three, two rows a pass, or in a block of three channels. With K = 5 one channel
     takes a ring of registers for each whole block of 32 columns (one block and a tail of 5
-    at 37 wide, two and a tail of 6 at 70)."""
+    at 37 wide, two and a tail of 6 at 70), two channels for each of 16."""
     direct.library()
     gen = torch.Generator().manual_seed(3)
     n, cin, h, k = 2, 3, 19, kernel

@@ -5,9 +5,9 @@
 // two rows, for up to 3 channels) in registers and stream the input taps through them, so their
 // cost follows the channel count. For 1-2 output channels (kernels 3 and 5) on narrow images the
 // forward pass runs down the rows instead, each input row shifted once for all K rows it feeds
-// (with one channel the shifts, not the multiply-adds, were the bound; with one channel and
-// K = 5 the sums stay in a ring of registers, stream_ring5), and so does the weight gradient of
-// one output channel.
+// (with one channel the shifts, not the multiply-adds, were the bound; with K = 5 the sums
+// stay in a ring of registers, stream_ring5), and so does the weight gradient of one output
+// channel.
 //
 // Buffers are planar float32. A *padded* buffer has planes of (H + K - 1) rows of
 // Wp = ceil16(W) + K - 1 floats and is zero outside its interior [p, p + H) x [p, p + W),
@@ -263,31 +263,37 @@ static void stream_block_at(const float* in, Geo gi, const float* w, const float
       in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
 }
 
-// One output channel, K = 5 and two whole strips (x0 + 32 <= W): stream_block with its ten
-// sums in a ring of named registers. Slot j (two strips) holds the sums of output row i - 4 + j
-// of input row i, which feeds it tap row 4 - j; each row the loop passes the slots rotated by
-// one instead of moving the sums down (stream_block moves them through memory, and its strips
-// shifted by shuffles share a port with the multiply-adds), and reads the weights again rather
-// than holding 25 of them in registers. 1.33x stream_block for a 1->1 layer on 12 images of 64²
-// (AVX-512 Xeon, 2026); with K = 3 the same ring ran 0.91-0.98x, so K = 3 keeps stream_block.
-// The same sums in the same order as stream_block: the same bits.
+// One or two output channels, K = 5, whole blocks (32 columns of one channel, 16 of two):
+// stream_block with its ten sums in a ring of named registers. Slot j holds the sums of output
+// row i - 4 + j of input row i, which feeds it tap row 4 - j; each row the loop passes the
+// slots rotated by one instead of moving the sums down (stream_block moves them through memory,
+// and its strips shifted by shuffles share a port with the multiply-adds), and reads the
+// weights again rather than holding them in registers. 1.33x stream_block for a 1->1 layer on
+// 12 images of 64², 1.12x a 2/2/1 network's retrains (AVX-512 Xeon, 2026); with K = 3 the same
+// ring ran 0.91-0.98x, so K = 3 keeps stream_block. The same sums in the same order as
+// stream_block: the same bits.
 #define SS_AI __attribute__((always_inline))
-template <int K, int J = 0, class... S>
-static inline SS_AI void ring_taps(v16 u, v16 v, const float* w, int kx, v16& s0, v16& s1,
-                                   S&... rest) {
-  const float t = w[(K - 1 - J) * K + kx];
-  s0 += u * t;
-  s1 += v * t;
-  if constexpr (sizeof...(rest) > 0) ring_taps<K, J + 1>(u, v, w, kx, rest...);
+// A slot is two sums: of two strips of one channel (CO = 1: u, v and one weight w0), or of one
+// strip of two channels (CO = 2: u alone, weights w0 and w1).
+template <int K, int CO, int J = 0, class... S>
+static inline SS_AI void ring_taps(v16 u, v16 v, const float* w0, const float* w1, int kx,
+                                   v16& s0, v16& s1, S&... rest) {
+  const int t = (K - 1 - J) * K + kx;
+  s0 += u * w0[t];
+  if (CO == 1) s1 += v * w0[t]; else s1 += u * w1[t];
+  if constexpr (sizeof...(rest) > 0) ring_taps<K, CO, J + 1>(u, v, w0, w1, kx, rest...);
 }
 
-template <int K, class... S>
-static inline SS_AI void ring_row(const float* r, const float* w, S&... slots) {
-  __asm__("" : "+r"(w));   // opaque: the weights are loaded in the row, not hoisted out of it
+template <int K, int CO, class... S>
+static inline SS_AI void ring_row(const float* r, const float* w0, const float* w1,
+                                  S&... slots) {
+  __asm__("" : "+r"(w0), "+r"(w1));   // opaque: the weights are loaded in the row, not hoisted
 #pragma GCC unroll 7
-  for (int kx = 0; kx < K; kx++) ring_taps<K>(ld(r + kx), ld(r + 16 + kx), w, kx, slots...);
+  for (int kx = 0; kx < K; kx++)
+    ring_taps<K, CO>(ld(r + kx), CO == 1 ? ld(r + 16 + kx) : (v16){}, w0, w1, kx, slots...);
 }
 
+template <int CO>
 static void stream_ring5(const float* in, Geo gi, const float* w, const float* b, float* out,
                          Geo go, const float* ref, int mode, const int* cos, const int* cis,
                          int nci, int Cin, int y0, int y1, int x0) {
@@ -295,30 +301,37 @@ static void stream_ring5(const float* in, Geo gi, const float* w, const float* b
   const long wco = (long)Cin * K * K;
   const int rows = y1 - y0, total = rows + K - 1;
   v16 a0 = {}, a1 = {}, b0 = {}, b1 = {}, c0 = {}, c1 = {}, d0 = {}, d1 = {}, e0 = {}, e1 = {};
+  // the slot's second sum: the next strip of channel 0, or the same strip of channel 1
+  const int c1i = CO == 1 ? 0 : 1;
+  const long second = CO == 1 ? 16 : (long)(cos[c1i] - cos[0]) * go.plane;
   float* o = out + go.at(cos[0], y0) + x0;                      // output row y0, column x0
   const float* f = ref ? ref + go.at(cos[0], y0) + x0 : nullptr;
   for (int i = 0; i < nci; i++) {
     const bool first = i == 0, last = i == nci - 1;
-    const float* wp = w + cos[0] * wco + (long)cis[i] * K * K;
-    const float bias = b ? b[cos[0]] : 0.f;
+    const float* w0 = w + cos[0] * wco + (long)cis[i] * K * K;
+    const float* w1 = w + cos[c1i] * wco + (long)cis[i] * K * K;
+    const float bias0 = b ? b[cos[0]] : 0.f, bias1 = b ? b[cos[c1i]] : 0.f;
     const float* in0 = in + gi.plane * cis[i] + x0 + (long)y0 * gi.row;
     // input row q (from y0): output y0 + q starts in slot K - 1, output y0 + q - K + 1 ends
     // in slot 0 (outputs out of [y0, y1) sum what is never stored, as in stream_block)
     auto step = [&](int q, v16& n0, v16& n1, auto&&... row) SS_AI {
       if (q < rows) {
-        n0 = first ? (v16){} + bias : ld(o + (long)q * go.row);
-        n1 = first ? (v16){} + bias : ld(o + (long)q * go.row + 16);
+        n0 = first ? (v16){} + bias0 : ld(o + (long)q * go.row);
+        n1 = first ? (v16){} + bias1 : ld(o + (long)q * go.row + second);
       }
-      ring_row<K>(in0 + (long)q * gi.row, wp, row...);
+      ring_row<K, CO>(in0 + (long)q * gi.row, w0, w1, row...);
     };
     auto done = [&](int q, v16 s0, v16 s1) SS_AI {
       if (q < K - 1) return;
       const long at = (long)(q - K + 1) * go.row;
       const v16 z = {};
       if (last && mode == 1) { s0 = s0 < z ? z : s0; s1 = s1 < z ? z : s1; }   // NaN passes
-      if (last && mode == 2) { s0 = ld(f + at) <= z ? z : s0; s1 = ld(f + at + 16) <= z ? z : s1; }
+      if (last && mode == 2) {
+        s0 = ld(f + at) <= z ? z : s0;
+        s1 = ld(f + at + second) <= z ? z : s1;
+      }
       st(o + at, s0);
-      st(o + at + 16, s1);
+      st(o + at + second, s1);
     };
     for (int q = 0; q < total; q += 5) {   // five rows a pass: each slot back where it started
       step(q, e0, e1, a0, a1, b0, b1, c0, c1, d0, d1, e0, e1); done(q, a0, a1);
@@ -340,9 +353,9 @@ static void fwd_stream(const float* in, Geo gi, const float* w, const float* b, 
                        int nci, int Cin, int W, int y0, int y1) {
   constexpr int XB = CO == 1 ? 2 : 1;
   int x0 = 0;
-  if (CO == 1 && K == 5)
-    for (; x0 + 32 <= W; x0 += 32)
-      stream_ring5(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, y0, y1, x0);
+  if (K == 5)   // whole blocks: 32 columns of one channel, 16 of two
+    for (; x0 + 32 / CO <= W; x0 += 32 / CO)
+      stream_ring5<CO>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, y0, y1, x0);
   for (; x0 + 16 * (XB - 1) < W; x0 += 16 * XB)
     stream_block_at<CO, XB, K>(in, gi, w, b, out, go, ref, mode, cos, cis, nci, Cin, W, y0, y1, x0);
   for (; x0 < W; x0 += 16)
