@@ -25,7 +25,7 @@ each keeps its best chunk (:func:`best_rate`). Raw rates go to the JSON, never i
     python benchmarks/speed.py --out /tmp/speed.json --threads 1
     python benchmarks/speed.py --quick --only train,retrain,inference --out /tmp/quick.json
     # retrains and a minimization as today's default recipe runs them (3 crops, 7000/17 500)
-    python benchmarks/speed.py --only retrain,minimize --retrain-batch 3 \\
+    python benchmarks/speed.py --only retrain,minimize --retrain-batch 3 --retrain-steps 7000 \\
         --min-steps 2000,7000,17500 --out /tmp/speed-b3.json
     python benchmarks/speed.py --device cuda --only train,retrain,inference --out /tmp/gpu.json
     python benchmarks/speed.py --conv torch --out /tmp/speed-torch.json   # before the kernels
@@ -693,6 +693,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retrain-batch", type=int, metavar="CROPS",
                    help="crops per step in the retrain and minimize sections (default 12, "
                         "selfscale 0.2.0's recipe; today's default recipe trains 3; quick 4)")
+    p.add_argument("--retrain-steps", type=int, metavar="STEPS",
+                   help="steps per timed retrain in the retrain section (default 400; today's "
+                        "default recipe retrains 7000; quick 5)")
     p.add_argument("--min-steps", metavar="BASE,RETRAIN,FINETUNE",
                    help="the minimize section's base, retrain and fine-tune steps (default "
                         "2000,400,400; quick 100,10,10)")
@@ -748,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.retrain_batch < 1:
                 raise ValueError(f"--retrain-batch: must be at least 1, got {args.retrain_batch}")
             sizes = replace(sizes, data={**sizes.data, "batch": args.retrain_batch})
+        if args.retrain_steps is not None:
+            if args.retrain_steps < 1:
+                raise ValueError(f"--retrain-steps: must be at least 1, got {args.retrain_steps}")
+            sizes = replace(sizes, retrain_steps=args.retrain_steps)
         if args.min_steps is not None:
             sizes = replace(sizes, min_steps=parse_min_steps(args.min_steps))
         repeats = sizes.repeats if args.repeats is None else args.repeats

@@ -191,6 +191,17 @@ def test_retrain_batch_sets_the_crops_of_the_retrain_section(tmp_path):
     assert "retrain k=8 (1/1/1), 2 crops/step: speed-up" in done.stdout
 
 
+def test_retrain_steps_sets_the_length_of_a_timed_retrain(tmp_path, speed, capsys):
+    out = tmp_path / "speed.json"
+    done = _bench("--quick", "--only", "retrain", "--retrain-steps", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["sections"]["retrain"]["steps_per_retrain"] == 3
+    assert report["settings"]["sizes"]["retrain_steps"] == 3
+    assert speed.main(["--quick", "--retrain-steps", "0"]) == 2
+    assert capsys.readouterr().err == "speed.py: error: --retrain-steps: must be at least 1, got 0\n"
+
+
 def test_retrain_batch_below_one_is_a_one_line_usage_error(speed, capsys):
     assert speed.main(["--quick", "--retrain-batch", "0"]) == 2
     assert capsys.readouterr().err == "speed.py: error: --retrain-batch: must be at least 1, got 0\n"
