@@ -115,7 +115,10 @@ def test_inference_in_row_bands_gives_the_bits_of_the_layer_by_layer_pass(monkey
     monkeypatch.setattr(direct, "BAND_ROWS", band)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     cases = [*CASES.values(), {"widths": (1,), "shape": (2, 1, 13, 21)},
-             {"widths": (2, 3, 1), "kernel": 3, "off": ((1, 2),), "shape": (3, 1, 23, 40)}]
+             {"widths": (2, 3, 1), "kernel": 3, "off": ((1, 2),), "shape": (3, 1, 23, 40)},
+             # 600 wide: the bands' short calls stream the 2 -> 1 layer, the whole pass's 130
+             # rows take two rows a pass
+             {"widths": (3, 2, 1), "shape": (1, 1, 130, 600)}]
     for case in cases:
         model = _net(case["widths"], case.get("kernel", 5), case.get("in_channels", 1),
                      case.get("off", ()))
@@ -180,13 +183,14 @@ def _padded_rand(n, c, h, wd, k, gen):
 @needs_kernels
 @pytest.mark.parametrize("kernel", (3, 5))
 @pytest.mark.parametrize("threads", (1, 2))
-@pytest.mark.parametrize("wd", (37, 70))
+@pytest.mark.parametrize("wd", (37, 70, 300, 600))
 def test_channels_run_down_the_rows_give_the_bits_of_the_row_passes(kernel, threads, wd):
     """On narrow images 1-2 output channels run down the rows (ss_conv), and one channel's
     weight gradient does (ss_wgrad); every sum keeps its order, so a channel's bits are those it
     gets among three, two rows a pass, or in a block of three channels. With K = 5 one channel
     takes a ring of registers for each whole block of 32 columns (one block and a tail of 5
-    at 37 wide, two and a tail of 6 at 70), two channels for each of 16."""
+    at 37 wide, two and a tail of 6 at 70), two channels for each of 16; K = 5 streams 300 and
+    600 wide too (19 rows: a call as short as an inference band), K = 3 not."""
     direct.library()
     gen = torch.Generator().manual_seed(3)
     n, cin, h, k = 2, 3, 19, kernel

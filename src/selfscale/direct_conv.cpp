@@ -408,10 +408,20 @@ extern "C" void ss_conv(const float* in, long in_plane, long in_row, const float
   }
   // Streaming pays on narrow images, where a column block's rows stay in the first-level cache
   // (one input plane up to 256 wide, more up to 96; measured on an AVX-512 Xeon, 2026: 1.2-2.1x
-  // for 1-2 channels at 64-96 wide, 0.4-0.9x at 512); wider images take two rows a pass.
+  // for 1-2 channels at 64-96 wide, 0.4-0.9x at 512, with shuffled strips); wider images take
+  // two rows a pass. K = 5's ring (stream_ring5) streams wider: up to 256 for any input
+  // channels, up to 512 for one output channel or one input plane, and in calls of at most
+  // 128 rows (inference's bands) while input planes x output channels x width <= 4096.
+  // Against the row passes on one thread (alternating, same bits): 1.03-1.24x at 256 wide,
+  // 1.05-1.25x for those at 512 on whole images; in 64-row bands 1.12-1.44x at 512 and
+  // 1.07-1.54x for the shapes within the product up to 2048. Outside these, two output
+  // channels from 2-5 planes at 512 ran 0.94-0.98x on whole images, and most shapes lost at
+  // 1024 (0.63-0.98x; in bands 0.59-0.91x beyond the product).
   const int Wr = (W + 15) / 16 * 16;
+  const bool ring = K == 5 && (Wr <= 256 || (Wr <= 512 && (nco == 1 || nci == 1)) ||
+                               (H <= 128 && (long)nci * nco * Wr <= 4096));
   const bool stream = (K == 5 || K == 3) && nco >= 1 && nco <= 2 && nci >= 1 &&
-                      (Wr <= 96 || (nci == 1 && Wr <= 256));
+                      (Wr <= 96 || (nci == 1 && Wr <= 256) || ring);
   const fwd_stream_fn f = !stream   ? nullptr
                           : nco == 1 ? (K == 5 ? fwd_stream<1, 5> : fwd_stream<1, 3>)
                                      : (K == 5 ? fwd_stream<2, 5> : fwd_stream<2, 3>);
