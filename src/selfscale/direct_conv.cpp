@@ -6,8 +6,8 @@
 // cost follows the channel count. For 1-2 output channels (kernels 3 and 5) on narrow images the
 // forward pass runs down the rows instead, each input row shifted once for all K rows it feeds
 // (with one channel the shifts, not the multiply-adds, were the bound; with K = 5 the sums
-// stay in a ring of registers, stream_ring5), and so does the weight gradient of one output
-// channel.
+// stay in a ring of registers, stream_ring5, which also takes wider images and inference's
+// bands: see ss_conv), and so does the weight gradient of one output channel.
 //
 // Buffers are planar float32. A *padded* buffer has planes of (H + K - 1) rows of
 // Wp = ceil16(W) + K - 1 floats and is zero outside its interior [p, p + H) x [p, p + W),
