@@ -42,10 +42,6 @@ def layers_of(widths: tuple[int, ...], in_channels: int = 1) -> list[tuple[int, 
     return list(zip(ins, widths))
 
 
-def macs_per_pixel(layers: list[tuple[int, int]], kernel: int = KERNEL) -> int:
-    return sum(i * o * kernel * kernel for i, o in layers)
-
-
 def unfolded_per_pixel(layers: list[tuple[int, int]], kernel: int = KERNEL) -> int:
     """Floats an unfolding (im2col) convolution copies per output pixel: input channels × k²."""
     return sum(i * kernel * kernel for i, _ in layers)
@@ -103,6 +99,8 @@ def best_seconds(fns: dict[str, Any], repeats: int) -> dict[str, float]:
 
 
 def measure(images: int, side: int, repeats: int, threads: int, seed: int = 0) -> dict[str, Any]:
+    from selfscale.model import macs_per_pixel
+
     rng = np.random.default_rng(seed)
     shapes = sorted({pair for w in NETWORKS.values() for pair in layers_of(w)})
     inputs = {c: rng.random((images, c, side, side), dtype=np.float32) for c, _ in shapes}
@@ -120,7 +118,7 @@ def measure(images: int, side: int, repeats: int, threads: int, seed: int = 0) -
     nets: dict[str, Any] = {}
     for name, widths in NETWORKS.items():
         ls = layers_of(widths)
-        nets[name] = {"widths": list(widths), "macs_per_pixel": macs_per_pixel(ls),
+        nets[name] = {"widths": list(widths), "macs_per_pixel": macs_per_pixel(widths, KERNEL),
                       "unfolded_per_pixel": unfolded_per_pixel(ls),
                       "seconds": {form: sum(best[(i, o, form)] for i, o in ls) for form in FORMS}}
     full, small = nets["full"], nets["compact"]

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selfscale.model import macs_per_pixel
+
 
 @pytest.fixture(scope="module")
 def layers(load_benchmark):
@@ -18,8 +20,8 @@ def layers(load_benchmark):
 def test_counts_per_pixel_by_hand(layers):
     full, small = layers.layers_of((5, 5, 1)), layers.layers_of((3, 2, 1))
     assert full == [(1, 5), (5, 5), (5, 1)] and small == [(1, 3), (3, 2), (2, 1)]
-    assert layers.macs_per_pixel(full) == 25 * (5 + 25 + 5) == 875
-    assert layers.macs_per_pixel(small) == 25 * (3 + 6 + 2) == 275
+    assert macs_per_pixel((5, 5, 1), 5) == 25 * (5 + 25 + 5) == 875  # what the script uses
+    assert macs_per_pixel((3, 2, 1), 5) == 25 * (3 + 6 + 2) == 275
     assert layers.unfolded_per_pixel(full) == 25 * (1 + 5 + 5) == 275
     assert layers.unfolded_per_pixel(small) == 25 * (1 + 3 + 2) == 150
 
