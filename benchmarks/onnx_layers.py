@@ -164,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx_layers.py: error: --out: {args.out} already exists; use --force to "
               "overwrite it", file=sys.stderr)
         return 2
+    if args.out is not None:  # before the run, not after it
+        from speed import out_folder_ready
+
+        try:
+            out_folder_ready(args.out)
+        except ValueError as exc:
+            print(f"onnx_layers.py: error: {exc}", file=sys.stderr)
+            return 2
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401

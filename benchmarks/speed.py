@@ -717,6 +717,18 @@ def parse_min_steps(text: str) -> tuple[int, int, int]:
     return base, retrain, finetune
 
 
+def out_folder_ready(out: Path) -> None:
+    """``--out``'s folder exists (made if missing) and is writable, or a ValueError says why."""
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out: {out.parent} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out: cannot make the folder {out.parent}: {exc.strerror}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out: the folder {out.parent} is not writable")
+
+
 def sections_of(only: str | None, quick: bool) -> list[str]:
     if only is None:
         return [s for s in SECTIONS if not (quick and s == "study")]
@@ -746,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.out is not None and args.out.exists() and not args.force:
             raise ValueError(f"--out: {args.out} already exists; use --force to overwrite it")
+        if args.out is not None:  # before the run, not after an hour of it
+            out_folder_ready(args.out)
         names, sizes = sections_of(args.only, args.quick), QUICK if args.quick else FULL
         if args.retrain_batch is not None:
             if args.retrain_batch < 1:

@@ -63,3 +63,12 @@ def test_a_tiny_run_times_three_agreeing_forms(layers, tmp_path, capsys):
 def test_bad_sizes_are_one_line_usage_errors(layers, capsys):
     assert layers.main(["--side", "0"]) == 2
     assert capsys.readouterr().err == "onnx_layers.py: error: --side: must be at least 1, got 0\n"
+
+
+def test_an_out_under_a_file_is_refused_before_the_run(layers, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me\n")
+    assert layers.main(["--images", "1", "--side", "16", "--out", str(blocker / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"onnx_layers.py: error: --out: {blocker} is a file, not a folder\n"
+    assert len(err.splitlines()) == 1 and blocker.read_text() == "keep me\n"

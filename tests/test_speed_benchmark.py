@@ -202,6 +202,15 @@ def test_retrain_steps_sets_the_length_of_a_timed_retrain(tmp_path, speed, capsy
     assert capsys.readouterr().err == "speed.py: error: --retrain-steps: must be at least 1, got 0\n"
 
 
+def test_an_out_under_a_file_is_refused_before_the_run(speed, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me\n")
+    assert speed.main(["--quick", "--only", "retrain", "--out", str(blocker / "speed.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"speed.py: error: --out: {blocker} is a file, not a folder\n"
+    assert len(err.splitlines()) == 1 and blocker.read_text() == "keep me\n"
+
+
 def test_retrain_batch_below_one_is_a_one_line_usage_error(speed, capsys):
     assert speed.main(["--quick", "--retrain-batch", "0"]) == 2
     assert capsys.readouterr().err == "speed.py: error: --retrain-batch: must be at least 1, got 0\n"
